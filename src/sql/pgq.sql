@@ -352,8 +352,14 @@ BEGIN
     IF q.queue_ticker_paused THEN
         RAISE EXCEPTION 'Ticker has been paused for this queue';
     END IF;
-    INSERT INTO pgq.tick (tick_queue, tick_id, tick_time, tick_event_seq)
-    VALUES (q.queue_id, i_tick_id, i_orig_timestamp, i_event_seq);
+    -- Only the cascade worker writes to a queue with an external ticker, one
+    -- transaction per batch, so the tick's snapshot is "everything up to and
+    -- including this transaction": the events it just copied land in this batch,
+    -- as on the provider, instead of sliding into the next one.
+    INSERT INTO pgq.tick (tick_queue, tick_id, tick_time, tick_event_seq, tick_snapshot)
+    VALUES (q.queue_id, i_tick_id, i_orig_timestamp, i_event_seq,
+            ((txid_current() + 1)::text || ':' || (txid_current() + 1)::text || ':')::txid_snapshot)
+    ON CONFLICT (tick_queue, tick_id) DO NOTHING;
     PERFORM pgq.seq_setval(q.queue_tick_seq, i_tick_id);
     PERFORM pgq.seq_setval(q.queue_event_seq, i_event_seq);
     PERFORM pg_notify('pgq_tick', i_queue_name);

@@ -1,0 +1,350 @@
+//! Command line: the binary is `londiste-rs`, and behaves as `pgqd` or `londiste3`
+//! when called through links of those names. Parsing is two-stage: raw words into
+//! flags and positionals, then a typed, validated command. `main` prints one line
+//! `NAME: error` and exits with the error's code.
+
+use crate::admin::{self, Opts};
+use crate::config::{self, TickerConfig, WorkerConfig};
+use crate::daemon;
+use crate::error::{Error, Result};
+use crate::logging::{self, Verbosity};
+use crate::status;
+use crate::supervisor;
+use nix::sys::signal::Signal;
+use std::path::{Path, PathBuf};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Raw parse: flags (with optional values) and positional words, in order.
+#[derive(Debug, Default)]
+struct Raw {
+    flags: Vec<(String, Option<String>)>,
+    words: Vec<String>,
+}
+
+/// Long options that take a value (`--opt=V` or `--opt V`).
+const VALUED: &[&str] = &[
+    "--set", "--provider", "--dest-table", "--copy-node", "--trigger-arg", "--trigger-flags", "--handler",
+    "--handler-arg", "--key", "--ini-file", "--target", "--merge", "--dead", "--max-parallel-copy",
+];
+
+fn parse_raw(args: &[String]) -> Result<Raw> {
+    let mut raw = Raw::default();
+    let mut it = args.iter().peekable();
+    while let Some(a) = it.next() {
+        if a == "--" {
+            raw.words.extend(it.by_ref().cloned());
+            break;
+        }
+        if let Some(long) = a.strip_prefix("--") {
+            let (name, val) = match long.split_once('=') {
+                Some((n, v)) => (format!("--{n}"), Some(v.to_string())),
+                None => (a.clone(), None),
+            };
+            if VALUED.contains(&name.as_str()) && val.is_none() {
+                let v = it.next().ok_or_else(|| Error::Usage(format!("{name} needs a value")))?;
+                raw.flags.push((name, Some(v.clone())));
+            } else {
+                raw.flags.push((name, val));
+            }
+        } else if a.len() > 1 && a.starts_with('-') && !a.starts_with("--") {
+            for ch in a[1..].chars() {
+                raw.flags.push((format!("-{ch}"), None));
+            }
+        } else {
+            raw.words.push(a.clone());
+        }
+    }
+    Ok(raw)
+}
+
+/// Flags every daemon mode shares.
+#[derive(Debug, Default)]
+struct Common {
+    daemon: bool,
+    stop: bool,
+    kill: bool,
+    reload: bool,
+    verbosity: i32,
+    quiet: bool,
+    ini: bool,
+    version: bool,
+    help: bool,
+    sets: Vec<(String, String)>,
+}
+
+fn take_common(raw: &mut Raw) -> Result<Common> {
+    let mut c = Common::default();
+    let mut rest = Vec::new();
+    for (f, v) in raw.flags.drain(..) {
+        match f.as_str() {
+            "-d" | "--daemon" => c.daemon = true,
+            "-s" | "--stop" => c.stop = true,
+            "-k" | "--kill" => c.kill = true,
+            "-r" | "--reload" => c.reload = true,
+            "-v" | "--verbose" => c.verbosity += 1,
+            "-q" | "--quiet" => c.quiet = true,
+            "--ini" => c.ini = true,
+            "-V" | "--version" => c.version = true,
+            "-h" | "--help" => c.help = true,
+            "--set" => {
+                let v = v.unwrap_or_default();
+                let (k, val) = v.split_once('=').ok_or_else(|| Error::Usage(format!("--set wants KEY=VALUE, got {v:?}")))?;
+                c.sets.push((k.trim().to_string(), val.trim().to_string()));
+            }
+            _ => rest.push((f, v)),
+        }
+    }
+    raw.flags = rest;
+    Ok(c)
+}
+
+fn verbosity(c: &Common) -> Verbosity {
+    if c.quiet {
+        Verbosity::Quiet
+    } else if c.verbosity >= 2 {
+        Verbosity::Trace
+    } else if c.verbosity == 1 {
+        Verbosity::Verbose
+    } else {
+        Verbosity::Normal
+    }
+}
+
+/// Entry point: returns the process exit code.
+pub fn main() -> i32 {
+    let args: Vec<String> = std::env::args().collect();
+    let argv0 = args.first().map(|a| Path::new(a).file_name().unwrap_or_default().to_string_lossy().into_owned()).unwrap_or_default();
+    let rest = &args[1.min(args.len())..];
+    let (name, res) = if argv0.starts_with("pgqd") {
+        ("pgqd", run_pgqd(rest))
+    } else if argv0.starts_with("londiste") && argv0 != "londiste-rs" {
+        (if argv0.starts_with("londiste3") { "londiste3" } else { "londiste" }, run_londiste(rest))
+    } else {
+        match rest.first().map(String::as_str) {
+            Some("ticker") | Some("pgqd") => ("londiste-rs", run_pgqd(&rest[1..])),
+            Some("run") => ("londiste-rs", run_multi(&rest[1..])),
+            _ => ("londiste-rs", run_londiste(rest)),
+        }
+    };
+    match res {
+        Ok(()) | Err(Error::Stopped) => 0,
+        Err(e) => {
+            log::logger().flush();
+            eprintln!("{name}: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+const PGQD_USAGE: &str = "usage: pgqd [-qvd] CONFIG.ini | pgqd -s|-k|-r CONFIG.ini | pgqd --ini | pgqd -V
+  -d  run in the background (needs pidfile)   -s  stop (SIGINT)   -k  kill (SIGTERM)
+  -r  reload config (SIGHUP)   -q  quiet   -v  verbose   --ini  print a sample config";
+
+fn run_pgqd(args: &[String]) -> Result<()> {
+    let mut raw = parse_raw(args)?;
+    let c = take_common(&mut raw)?;
+    if let Some((f, _)) = raw.flags.first() {
+        return Err(Error::Usage(format!("unknown option {f}\n{PGQD_USAGE}")));
+    }
+    if c.version {
+        println!("pgqd version 3.5 (londiste-rs {VERSION})");
+        return Ok(());
+    }
+    if c.help {
+        println!("{PGQD_USAGE}");
+        return Ok(());
+    }
+    if c.ini {
+        print!("{}", crate::samples::TICKER_INI);
+        return Ok(());
+    }
+    let [file] = raw.words.as_slice() else {
+        return Err(Error::Usage(format!("need one config file\n{PGQD_USAGE}")));
+    };
+    logging::init(verbosity(&c));
+    let file = PathBuf::from(file);
+    let load = {
+        let file = file.clone();
+        let sets = c.sets.clone();
+        move || -> Result<TickerConfig> {
+            let s = config::load_section(&file, &["pgqd"], &sets)?;
+            TickerConfig::from_section(&s)
+        }
+    };
+    let cfg = load()?;
+    if let Some(sig) = signal_flag(&c) {
+        daemon::signal_pidfile(cfg.common.pidfile.as_deref(), sig)?;
+        return Ok(());
+    }
+    supervisor::run(supervisor::Jobs::Ticker(Box::new(load)), c.daemon, c.quiet)
+}
+
+fn signal_flag(c: &Common) -> Option<Signal> {
+    if c.stop {
+        Some(Signal::SIGINT)
+    } else if c.kill {
+        Some(Signal::SIGTERM)
+    } else if c.reload {
+        Some(Signal::SIGHUP)
+    } else {
+        None
+    }
+}
+
+const LONDISTE_USAGE: &str = "usage: londiste3 [options] CONFIG.ini COMMAND [args]
+
+Node commands:
+  create-root NAME [CONNSTR]                    make this database the root (source)
+  create-branch NAME [CONNSTR] --provider=CONNSTR
+  create-leaf NAME [CONNSTR] --provider=CONNSTR
+  worker                                        run the replication worker
+  status  members  node-info                    show the set
+  pause  resume                                 stop/restart applying on this node
+  wait-sync  wait-provider  wait-root           wait for copies or catch-up
+Table and sequence commands:
+  add-table TABLE... | --all  [--create] [--expect-sync] [--skip-truncate]
+            [--dest-table=NAME] [--no-triggers] [--wait-sync] [--skip-non-existing] [--key=COL,...]
+  remove-table TABLE... | --all      resync TABLE... | --all
+  add-seq SEQ... | --all [--create]  remove-seq SEQ...
+  tables [--names-only]  seqs  missing
+Checks:
+  compare [TABLE...] [--count-only]             row count and checksum, provider vs this node
+Options:
+  -d daemon  -s stop  -k kill  -r reload  -q quiet  -v verbose  --ini sample config
+  --set KEY=VALUE  -V version
+
+londiste-rs run FILE.ini...   runs several jobs (ticker and workers) in one process.
+See man londiste-rs.";
+
+fn run_londiste(args: &[String]) -> Result<()> {
+    let mut raw = parse_raw(args)?;
+    let c = take_common(&mut raw)?;
+    if c.version {
+        println!("londiste version 3.12 (londiste-rs {VERSION})");
+        return Ok(());
+    }
+    if c.help {
+        println!("{LONDISTE_USAGE}");
+        return Ok(());
+    }
+    if c.ini {
+        print!("{}", crate::samples::WORKER_INI);
+        return Ok(());
+    }
+    if raw.words.is_empty() {
+        return Err(Error::Usage("need config file, use --help for help.".into()));
+    }
+    let file = PathBuf::from(&raw.words[0]);
+    let cmd = raw.words.get(1).cloned();
+    let args: Vec<String> = raw.words.iter().skip(2).cloned().collect();
+    logging::init(verbosity(&c));
+    let sets = c.sets.clone();
+    let load = {
+        let file = file.clone();
+        move || -> Result<WorkerConfig> {
+            let s = config::load_section(&file, &["londiste3", "londiste", "londiste-rs"], &sets)?;
+            WorkerConfig::from_section(&s)
+        }
+    };
+    let cfg = load()?;
+    if let Some(sig) = signal_flag(&c) {
+        daemon::signal_pidfile(cfg.common.pidfile.as_deref(), sig)?;
+        return Ok(());
+    }
+    let Some(cmd) = cmd else {
+        return Err(Error::Usage(format!("need a command after the config file\n{LONDISTE_USAGE}")));
+    };
+    let opts = take_opts(&mut raw)?;
+    if let Some((f, _)) = raw.flags.first() {
+        return Err(Error::Usage(format!("unknown option {f} for {cmd}; see --help")));
+    }
+    let name1 = args.first().map(String::as_str);
+    let name2 = args.get(1).map(String::as_str);
+    match cmd.as_str() {
+        "worker" | "replay" => supervisor::run(supervisor::Jobs::Worker(Box::new(load)), c.daemon, c.quiet),
+        "create-root" => admin::create_root(&cfg, name1, name2),
+        "create-branch" => admin::create_subscriber(&cfg, "branch", name1, name2, &opts),
+        "create-leaf" => admin::create_subscriber(&cfg, "leaf", name1, name2, &opts),
+        "add-table" => admin::add_table(&cfg, &args, &opts),
+        "remove-table" => admin::remove_table(&cfg, &args, &opts),
+        "resync" => admin::resync(&cfg, &args, &opts),
+        "add-seq" => admin::add_seq(&cfg, &args, &opts),
+        "remove-seq" => admin::remove_seq(&cfg, &args, &opts),
+        "tables" => admin::tables(&cfg, &opts),
+        "seqs" => admin::seqs(&cfg),
+        "missing" => admin::show_missing(&cfg),
+        "members" => admin::members(&cfg),
+        "node-info" => admin::node_info(&cfg),
+        "status" => status::status(&cfg),
+        "pause" => admin::pause(&cfg, true),
+        "resume" => admin::pause(&cfg, false),
+        "wait-sync" => admin::wait_sync(&cfg),
+        "wait-provider" => admin::wait_upstream(&cfg, false),
+        "wait-root" => admin::wait_upstream(&cfg, true),
+        "compare" => status::compare(&cfg, &args, &opts),
+        "install" => {
+            let mut cl = crate::db::connect(&cfg.db, "londiste-rs admin")?;
+            crate::install::install_all(&mut cl)?;
+            log::info!("Done");
+            Ok(())
+        }
+        other => Err(Error::Usage(format!("unknown command {other:?}; see --help for the list"))),
+    }
+}
+
+fn take_opts(raw: &mut Raw) -> Result<Opts> {
+    let mut o = Opts::default();
+    let mut rest = Vec::new();
+    for (f, v) in raw.flags.drain(..) {
+        match f.as_str() {
+            "--provider" => o.provider = v,
+            "--all" => o.all = true,
+            "--expect-sync" => o.expect_sync = true,
+            "--skip-truncate" => o.skip_truncate = true,
+            "--no-triggers" => o.no_triggers = true,
+            "--wait-sync" => o.wait_sync = true,
+            "--skip-non-existing" => o.skip_non_existing = true,
+            "--create" => o.create = true,
+            "--create-full" => o.create_full = true,
+            "--dest-table" => o.dest_table = v,
+            "--names-only" => o.names_only = true,
+            "--count-only" => o.count_only = true,
+            "--key" => {
+                let keys: Vec<String> = v.unwrap_or_default().split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+                if keys.is_empty() {
+                    return Err(Error::Usage("--key wants COL[,COL...]".into()));
+                }
+                o.keys = Some(keys);
+            }
+            // Accepted for compatibility with Skytools command lines; the copy
+            // source is always found automatically.
+            "--find-copy-node" | "--merge-all" | "--no-merge" | "--force" | "--compact" | "--nocheck" => {}
+            _ => rest.push((f, v)),
+        }
+    }
+    raw.flags = rest;
+    Ok(o)
+}
+
+/// `londiste-rs run FILE...`: several jobs in one process.
+fn run_multi(args: &[String]) -> Result<()> {
+    let mut raw = parse_raw(args)?;
+    let c = take_common(&mut raw)?;
+    if let Some((f, _)) = raw.flags.first() {
+        return Err(Error::Usage(format!("unknown option {f} for run")));
+    }
+    if raw.words.is_empty() {
+        return Err(Error::Usage("usage: londiste-rs run [-d] [-q] [-v] JOB.ini... (each file a [pgqd] or [londiste3] job)".into()));
+    }
+    logging::init(verbosity(&c));
+    let files: Vec<PathBuf> = raw.words.iter().map(PathBuf::from).collect();
+    let sets = c.sets.clone();
+    let load = move || supervisor::load_jobs(&files, &sets);
+    let first = load()?;
+    if let Some(sig) = signal_flag(&c) {
+        daemon::signal_pidfile(first.pidfile.as_deref(), sig)?;
+        return Ok(());
+    }
+    supervisor::run(supervisor::Jobs::Multi(Box::new(load)), c.daemon, c.quiet)
+}

@@ -1,0 +1,362 @@
+//! Configuration: INI files read raw, interpolated (`%(job_name)s`, as Skytools
+//! does), then validated into typed structs with defaults from one table per mode.
+//! Unknown keys are warned about, bad values are one-line errors naming the file,
+//! the key and the problem (exit code 78).
+
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One section of an INI file after interpolation, with where it came from.
+#[derive(Debug, Clone)]
+pub struct Section {
+    pub file: PathBuf,
+    pub name: String,
+    pub values: BTreeMap<String, String>,
+}
+
+/// Default keys every section can interpolate, as in Skytools.
+fn builtin_defaults(file: &Path, section: &str) -> BTreeMap<String, String> {
+    let mut d = BTreeMap::new();
+    let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    d.insert("job_name".into(), stem.clone());
+    d.insert("config_name".into(), stem);
+    d.insert("service_name".into(), section.to_string());
+    let dir = file.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    d.insert("config_dir".into(), dir.to_string_lossy().into_owned());
+    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    d.insert("host_name".into(), host);
+    d
+}
+
+/// Reads `file` and returns the first of `sections` it has, interpolated, with
+/// `overrides` (from `--set KEY=VAL`) applied.
+pub fn load_section(file: &Path, sections: &[&str], overrides: &[(String, String)]) -> Result<Section> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        Error::Config(format!("cannot read config file {}: {}", file.display(), e))
+    })?;
+    let mut ini = configparser::ini::Ini::new();
+    let map = ini
+        .read(text)
+        .map_err(|e| Error::Config(format!("{}: cannot parse: {}", file.display(), e)))?;
+    let found = sections.iter().find(|s| map.contains_key(**s));
+    let Some(name) = found else {
+        let list: Vec<String> = sections.iter().map(|s| format!("[{s}]")).collect();
+        return Err(Error::Config(format!(
+            "{}: no {} section; the file must start with one (see --ini for a sample)",
+            file.display(),
+            list.join(" or ")
+        )));
+    };
+    let raw = &map[*name];
+    let mut values: BTreeMap<String, String> = builtin_defaults(file, name);
+    // A [DEFAULT]-style section of Skytools configs is not used by londiste; plain keys only.
+    for (k, v) in raw {
+        values.insert(k.clone(), v.clone().unwrap_or_default());
+    }
+    for (k, v) in overrides {
+        values.insert(k.to_lowercase(), v.clone());
+    }
+    let mut out = BTreeMap::new();
+    for (k, v) in &values {
+        out.insert(k.clone(), interpolate(file, k, v, &values, 0)?);
+    }
+    Ok(Section { file: file.to_path_buf(), name: name.to_string(), values: out })
+}
+
+fn interpolate(file: &Path, key: &str, v: &str, all: &BTreeMap<String, String>, depth: u32) -> Result<String> {
+    if depth > 10 {
+        return Err(Error::Config(format!("{}: key {}: interpolation loop", file.display(), key)));
+    }
+    let mut out = String::new();
+    let mut rest = v;
+    while let Some(pos) = rest.find("%(") {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 2..];
+        let Some(end) = after.find(")s") else {
+            return Err(Error::Config(format!("{}: key {}: bad interpolation in {:?}", file.display(), key, v)));
+        };
+        let name = after[..end].to_lowercase();
+        let Some(val) = all.get(&name) else {
+            return Err(Error::Config(format!(
+                "{}: key {}: %({})s refers to an unknown key",
+                file.display(),
+                key,
+                name
+            )));
+        };
+        out.push_str(&interpolate(file, &name, val, all, depth + 1)?);
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    // "%%" is a literal percent sign in Python's ConfigParser.
+    Ok(out.replace("%%", "%"))
+}
+
+/// Typed access with errors that name the file and the key.
+impl Section {
+    fn err(&self, key: &str, msg: impl std::fmt::Display) -> Error {
+        Error::Config(format!("{}: [{}] key {}: {}", self.file.display(), self.name, key, msg))
+    }
+
+    pub fn str_opt(&self, key: &str) -> Option<String> {
+        self.values.get(key).map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+    }
+
+    pub fn required(&self, key: &str) -> Result<String> {
+        self.str_opt(key).ok_or_else(|| self.err(key, "missing; it is required"))
+    }
+
+    pub fn seconds(&self, key: &str, default: f64) -> Result<Duration> {
+        match self.str_opt(key) {
+            None => Ok(Duration::from_secs_f64(default)),
+            Some(v) => {
+                let n = parse_seconds(&v).ok_or_else(|| self.err(key, format!("{v:?} is not a number of seconds")))?;
+                Ok(Duration::from_secs_f64(n))
+            }
+        }
+    }
+
+    /// Seconds that may be negative or zero (loop_delay: <= 0 means run once).
+    pub fn seconds_signed(&self, key: &str, default: f64) -> Result<f64> {
+        match self.str_opt(key) {
+            None => Ok(default),
+            Some(v) => v.parse::<f64>().map_err(|_| self.err(key, format!("{v:?} is not a number of seconds"))),
+        }
+    }
+
+    pub fn int(&self, key: &str, default: i64, min: i64) -> Result<i64> {
+        match self.str_opt(key) {
+            None => Ok(default),
+            Some(v) => {
+                let n: i64 = v.parse().map_err(|_| self.err(key, format!("{v:?} is not a whole number")))?;
+                if n < min {
+                    return Err(self.err(key, format!("{n} is too small (at least {min})")));
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    pub fn boolean(&self, key: &str, default: bool) -> Result<bool> {
+        match self.str_opt(key).map(|s| s.to_lowercase()) {
+            None => Ok(default),
+            Some(v) => match v.as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" => Ok(false),
+                _ => Err(self.err(key, format!("{v:?} is not a boolean (use 1/0, true/false)"))),
+            },
+        }
+    }
+
+    pub fn list(&self, key: &str) -> Vec<String> {
+        self.str_opt(key)
+            .map(|v| v.split([',', ' ', '\t', '\n']).filter(|s| !s.is_empty()).map(String::from).collect())
+            .unwrap_or_default()
+    }
+
+    /// A file path; relative paths are taken from the current directory, as
+    /// Skytools does, and made absolute now so that daemonizing cannot change them.
+    pub fn path(&self, key: &str) -> Option<PathBuf> {
+        self.str_opt(key).map(|v| {
+            let p = if let Some(rest) = v.strip_prefix("~/") {
+                std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(rest)
+            } else {
+                PathBuf::from(v)
+            };
+            if p.is_absolute() { p } else { std::env::current_dir().unwrap_or_default().join(p) }
+        })
+    }
+
+    /// Warns about keys that no mode knows: usually a typo.
+    pub fn warn_unknown(&self, known: &[&str]) {
+        const BUILTIN: &[&str] = &["job_name", "config_name", "service_name", "config_dir", "host_name"];
+        for k in self.values.keys() {
+            if !known.contains(&k.as_str()) && !BUILTIN.contains(&k.as_str()) {
+                log::warn!("{}: [{}] unknown key {} ignored (typo?)", self.file.display(), self.name, k);
+            }
+        }
+    }
+}
+
+fn parse_seconds(v: &str) -> Option<f64> {
+    let v = v.trim();
+    let (num, mult) = if let Some(n) = v.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = v.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (v, 1.0)
+    };
+    let n: f64 = num.trim().parse().ok()?;
+    if n < 0.0 || !n.is_finite() {
+        return None;
+    }
+    Some(n * mult)
+}
+
+/// Settings shared by every daemon mode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Common {
+    pub job_name: String,
+    pub logfile: Option<PathBuf>,
+    pub pidfile: Option<PathBuf>,
+    pub syslog: bool,
+    pub syslog_ident: String,
+    pub syslog_facility: String,
+}
+
+impl Common {
+    fn from(s: &Section, syslog_default: bool, ident_default: &str) -> Result<Common> {
+        Ok(Common {
+            job_name: s.required("job_name")?,
+            logfile: s.path("logfile"),
+            pidfile: s.path("pidfile"),
+            syslog: s.boolean("syslog", syslog_default)?,
+            syslog_ident: s.str_opt("syslog_ident").unwrap_or_else(|| ident_default.to_string()),
+            syslog_facility: s.str_opt("syslog_facility").unwrap_or_else(|| "daemon".into()),
+        })
+    }
+}
+
+pub const TICKER_KEYS: &[&str] = &[
+    "base_connstr", "initial_database", "database_list", "logfile", "pidfile", "syslog",
+    "syslog_ident", "syslog_facility", "ticker_period", "check_period", "retry_period",
+    "maint_period", "stats_period", "connection_lifetime",
+];
+
+/// The ticker (`pgqd` mode).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TickerConfig {
+    pub common: Common,
+    pub base_connstr: String,
+    pub initial_database: String,
+    pub database_list: Vec<String>,
+    pub ticker_period: Duration,
+    pub check_period: Duration,
+    pub retry_period: Duration,
+    pub maint_period: Duration,
+    pub stats_period: Duration,
+    pub connection_lifetime: Duration,
+}
+
+impl TickerConfig {
+    pub fn from_section(s: &Section) -> Result<TickerConfig> {
+        s.warn_unknown(TICKER_KEYS);
+        let c = TickerConfig {
+            common: Common::from(s, false, "pgqd")?,
+            base_connstr: s.str_opt("base_connstr").unwrap_or_default(),
+            initial_database: s.str_opt("initial_database").unwrap_or_else(|| "template1".into()),
+            database_list: s.list("database_list"),
+            // pgqd ticks once a second; 50 ms keeps commit-to-replica latency low
+            // for the price of a cheap query 20 times a second per database.
+            ticker_period: s.seconds("ticker_period", 0.05)?,
+            check_period: s.seconds("check_period", 60.0)?,
+            retry_period: s.seconds("retry_period", 30.0)?,
+            maint_period: s.seconds("maint_period", 120.0)?,
+            stats_period: s.seconds("stats_period", 30.0)?,
+            connection_lifetime: s.seconds("connection_lifetime", 3600.0)?,
+        };
+        if c.ticker_period.is_zero() {
+            return Err(s.err("ticker_period", "must be more than 0"));
+        }
+        if c.base_connstr.contains("dbname=") {
+            return Err(s.err("base_connstr", "must not contain dbname= (the ticker adds it per database)"));
+        }
+        Ok(c)
+    }
+}
+
+pub const WORKER_KEYS: &[&str] = &[
+    "db", "queue_name", "pgq_queue_name", "loop_delay", "logfile", "pidfile", "parallel_copies",
+    "node_name", "public_node_location", "initial_provider_location", "consumer_name",
+    "pgq_consumer_id", "remote_extra_connstr", "lock_timeout", "exception_sleep", "syslog",
+    "syslog_ident", "syslog_facility", "batch_max_events", "connection_lifetime", "use_skylog",
+    "seq_buffer", "keepalive_stats", "stats_period",
+];
+
+/// The replication worker and admin commands (`londiste3` mode).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerConfig {
+    pub common: Common,
+    pub db: String,
+    pub queue_name: String,
+    pub consumer_name: String,
+    pub loop_delay: f64,
+    pub parallel_copies: usize,
+    pub node_name: Option<String>,
+    pub public_node_location: Option<String>,
+    pub initial_provider_location: Option<String>,
+    pub remote_extra_connstr: String,
+    pub lock_timeout: Duration,
+    pub exception_sleep: Duration,
+    pub batch_max_events: i64,
+    pub seq_buffer: i64,
+    pub stats_period: Duration,
+}
+
+impl WorkerConfig {
+    pub fn from_section(s: &Section) -> Result<WorkerConfig> {
+        s.warn_unknown(WORKER_KEYS);
+        let common = Common::from(s, false, "londiste3")?;
+        let queue_name = s
+            .str_opt("queue_name")
+            .or_else(|| s.str_opt("pgq_queue_name"))
+            .ok_or_else(|| s.err("queue_name", "missing; it is required (the queue/set name, same on every node)"))?;
+        let consumer_name = s
+            .str_opt("consumer_name")
+            .or_else(|| s.str_opt("pgq_consumer_id"))
+            .unwrap_or_else(|| common.job_name.clone());
+        Ok(WorkerConfig {
+            db: s.required("db")?,
+            queue_name,
+            consumer_name,
+            loop_delay: s.seconds_signed("loop_delay", 1.0)?,
+            parallel_copies: s.int("parallel_copies", 4, 1)? as usize,
+            node_name: s.str_opt("node_name"),
+            public_node_location: s.str_opt("public_node_location"),
+            initial_provider_location: s.str_opt("initial_provider_location"),
+            remote_extra_connstr: s.str_opt("remote_extra_connstr").unwrap_or_default(),
+            lock_timeout: s.seconds("lock_timeout", 10.0)?,
+            exception_sleep: s.seconds("exception_sleep", 20.0)?,
+            batch_max_events: s.int("batch_max_events", 200_000, 1)?,
+            seq_buffer: s.int("seq_buffer", 10_000, 1)?,
+            stats_period: s.seconds("stats_period", 30.0)?,
+            common,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpolation_and_types() {
+        let dir = std::env::temp_dir().join(format!("lrs-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("slave.ini");
+        std::fs::write(
+            &f,
+            "[londiste3]\ndb = dbname=x\nqueue_name = q\nlogfile = log/%(job_name)s.log\nloop_delay = 0.5\n",
+        )
+        .unwrap();
+        let s = load_section(&f, &["londiste3", "londiste"], &[]).unwrap();
+        let c = WorkerConfig::from_section(&s).unwrap();
+        assert_eq!(c.common.job_name, "slave");
+        assert!(c.common.logfile.unwrap().ends_with("log/slave.log"));
+        assert_eq!(c.loop_delay, 0.5);
+        std::fs::write(&f, "[londiste3]\ndb = x\nqueue_name = q\nloop_delay = abc\n").unwrap();
+        let s = load_section(&f, &["londiste3"], &[]).unwrap();
+        let e = WorkerConfig::from_section(&s).unwrap_err().to_string();
+        assert!(e.contains("loop_delay") && e.contains("slave.ini"), "{e}");
+        assert!(load_section(&f, &["pgqd"], &[]).unwrap_err().to_string().contains("[pgqd]"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -1,0 +1,69 @@
+//! Installs and upgrades our SQL (schemas `pgq` and `londiste`) in a database.
+//! The scripts are embedded in the binary and idempotent; a version row per
+//! component says what is installed. Installing runs in one transaction under an
+//! advisory lock, so two processes installing at once do not collide, and an
+//! upgrade keeps every queued event (tables are only ever created if missing).
+
+use crate::error::{Context, Result};
+use postgres::{Client, GenericClient};
+
+const PGQ_SQL: &str = concat!(include_str!("sql/pgq.sql"), "\n", include_str!("sql/capture.sql"));
+const LONDISTE_SQL: &str = include_str!("sql/londiste.sql");
+
+/// Bump when a script changes; an older installed version is upgraded by
+/// re-running the (idempotent) script.
+pub const PGQ_VERSION: i32 = 1;
+pub const LONDISTE_VERSION: i32 = 1;
+
+const LOCK_KEY: i64 = 0x6c6f_6e64_6973; // "londis"
+
+fn installed_version<C: GenericClient>(c: &mut C, component: &str) -> Result<Option<i32>> {
+    let has = c
+        .query_one("SELECT to_regclass('pgq.schema_info') IS NOT NULL", &[])
+        .ctx(|| "cannot check installed version".into())?;
+    if !has.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let row = c
+        .query_opt("SELECT version FROM pgq.schema_info WHERE component = $1", &[&component])
+        .ctx(|| "cannot read pgq.schema_info".into())?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+fn install_component(c: &mut Client, component: &str, sql: &str, version: i32) -> Result<bool> {
+    if installed_version(c, component)? == Some(version) {
+        return Ok(false);
+    }
+    let mut tx = c.transaction().ctx(|| "cannot begin install transaction".into())?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+        .ctx(|| "cannot take install lock".into())?;
+    // Someone else may have installed while we waited for the lock.
+    if installed_version(&mut tx, component)? == Some(version) {
+        return Ok(false);
+    }
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .ctx(|| "cannot set client_min_messages".into())?;
+    tx.batch_execute(sql).ctx(|| {
+        format!("cannot install the {component} schema (does this role have CREATE on the database?)")
+    })?;
+    tx.execute(
+        "INSERT INTO pgq.schema_info (component, version) VALUES ($1, $2)
+         ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version, installed_at = now()",
+        &[&component, &version],
+    )
+    .ctx(|| "cannot record schema version".into())?;
+    tx.commit().ctx(|| format!("cannot commit the {component} install"))?;
+    Ok(true)
+}
+
+/// Installs or upgrades the queue layer; returns whether anything changed.
+pub fn install_pgq(c: &mut Client) -> Result<bool> {
+    install_component(c, "pgq", PGQ_SQL, PGQ_VERSION)
+}
+
+/// Installs the queue layer and the node/table state schema.
+pub fn install_all(c: &mut Client) -> Result<bool> {
+    let a = install_pgq(c)?;
+    let b = install_component(c, "londiste", LONDISTE_SQL, LONDISTE_VERSION)?;
+    Ok(a || b)
+}

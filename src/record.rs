@@ -1,0 +1,287 @@
+//! Parsers for the text forms that travel in events: a row as PostgreSQL's
+//! composite text (`(1,"a b",)`), a one-dimensional text array literal
+//! (`{id,"odd name"}`) and a txid snapshot (`xmin:xmax:xip,...`). Values stay
+//! text: the replica's input functions turn them back into exactly the source's
+//! values, so nothing is lost in a conversion of ours.
+
+use crate::error::{Error, Result};
+
+/// Splits composite text into fields; `None` is SQL NULL (an empty unquoted field).
+pub fn parse_record(s: &str) -> Result<Vec<Option<String>>> {
+    let b = s.as_bytes();
+    if b.len() < 2 || b[0] != b'(' || b[b.len() - 1] != b')' {
+        return Err(Error::Other(format!("malformed row text: {}", preview(s))));
+    }
+    let inner = &s[1..s.len() - 1];
+    let mut out = Vec::new();
+    let mut chars = inner.chars().peekable();
+    loop {
+        let mut field = String::new();
+        let mut quoted = false;
+        let mut any = false;
+        while let Some(&c) = chars.peek() {
+            match c {
+                ',' if !quoted => break,
+                '"' => {
+                    chars.next();
+                    any = true;
+                    if quoted && chars.peek() == Some(&'"') {
+                        chars.next();
+                        field.push('"');
+                    } else {
+                        quoted = !quoted;
+                    }
+                }
+                '\\' => {
+                    chars.next();
+                    any = true;
+                    match chars.next() {
+                        Some(e) => field.push(e),
+                        None => return Err(Error::Other(format!("malformed row text: {}", preview(s)))),
+                    }
+                }
+                _ => {
+                    chars.next();
+                    any = true;
+                    field.push(c);
+                }
+            }
+        }
+        if quoted {
+            return Err(Error::Other(format!("unterminated quote in row text: {}", preview(s))));
+        }
+        out.push(if any { Some(field) } else { None });
+        match chars.next() {
+            Some(',') => continue,
+            None => break,
+            Some(_) => unreachable!(),
+        }
+    }
+    Ok(out)
+}
+
+/// Parses a one-dimensional text array literal of non-NULL elements.
+pub fn parse_text_array(s: &str) -> Result<Vec<String>> {
+    let s = s.trim();
+    if s.len() < 2 || !s.starts_with('{') || !s.ends_with('}') {
+        return Err(Error::Other(format!("malformed array text: {}", preview(s))));
+    }
+    let inner = &s[1..s.len() - 1];
+    let mut out = Vec::new();
+    if inner.is_empty() {
+        return Ok(out);
+    }
+    let mut chars = inner.chars().peekable();
+    loop {
+        let mut item = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('\\') => match chars.next() {
+                        Some(c) => item.push(c),
+                        None => return Err(Error::Other(format!("malformed array text: {}", preview(s)))),
+                    },
+                    Some('"') => break,
+                    Some(c) => item.push(c),
+                    None => return Err(Error::Other(format!("malformed array text: {}", preview(s)))),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == ',' {
+                    break;
+                }
+                item.push(c);
+                chars.next();
+            }
+        }
+        out.push(item);
+        match chars.next() {
+            Some(',') => continue,
+            None => break,
+            Some(_) => return Err(Error::Other(format!("malformed array text: {}", preview(s)))),
+        }
+    }
+    Ok(out)
+}
+
+/// A txid snapshot: which transactions had committed when it was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub xmin: i64,
+    pub xmax: i64,
+    pub xip: Vec<i64>,
+}
+
+impl Snapshot {
+    pub fn parse(s: &str) -> Result<Snapshot> {
+        let bad = || Error::Other(format!("malformed txid snapshot: {}", preview(s)));
+        let mut parts = s.trim().splitn(3, ':');
+        let xmin = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let xmax = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let rest = parts.next().ok_or_else(bad)?;
+        let mut xip = Vec::new();
+        for p in rest.split(',').filter(|p| !p.is_empty()) {
+            xip.push(p.parse().map_err(|_| bad())?);
+        }
+        xip.sort_unstable();
+        Ok(Snapshot { xmin, xmax, xip })
+    }
+
+    /// Same rule as txid_visible_in_snapshot(): committed before the snapshot.
+    pub fn visible(&self, txid: i64) -> bool {
+        if txid < self.xmin {
+            return true;
+        }
+        if txid >= self.xmax {
+            return false;
+        }
+        self.xip.binary_search(&txid).is_err()
+    }
+}
+
+/// Quotes an identifier the way quote_ident() does.
+pub fn quote_ident(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !is_reserved(s);
+    if plain {
+        s.to_string()
+    } else {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    }
+}
+
+/// Always quotes (safe for any name, used in generated SQL).
+pub fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn is_reserved(s: &str) -> bool {
+    // SQL key words that quote_ident() quotes; the list only decides cosmetics
+    // (a reserved word left unquoted would be a bug, an extra quote is harmless).
+    const WORDS: &[&str] = &[
+        "all", "analyse", "analyze", "and", "any", "array", "as", "asc", "asymmetric", "authorization",
+        "between", "bigint", "binary", "bit", "boolean", "both", "case", "cast", "char", "character",
+        "check", "coalesce", "collate", "collation", "column", "concurrently", "constraint", "create",
+        "cross", "current_catalog", "current_date", "current_role", "current_schema", "current_time",
+        "current_timestamp", "current_user", "dec", "decimal", "default", "deferrable", "desc",
+        "distinct", "do", "else", "end", "except", "exists", "extract", "false", "fetch", "float",
+        "for", "foreign", "freeze", "from", "full", "grant", "greatest", "group", "grouping", "having",
+        "ilike", "in", "initially", "inner", "inout", "int", "integer", "intersect", "interval", "into",
+        "is", "isnull", "join", "json", "lateral", "leading", "least", "left", "like", "limit",
+        "localtime", "localtimestamp", "national", "natural", "nchar", "none", "normalize", "not",
+        "notnull", "null", "nullif", "numeric", "offset", "on", "only", "or", "order", "out", "outer",
+        "overlaps", "overlay", "placing", "position", "precision", "primary", "real", "references",
+        "returning", "right", "row", "select", "session_user", "setof", "similar", "smallint", "some",
+        "substring", "symmetric", "system_user", "table", "tablesample", "then", "time", "timestamp",
+        "to", "trailing", "treat", "trim", "true", "union", "unique", "user", "using", "values",
+        "varchar", "variadic", "verbose", "when", "where", "window", "with", "xmlattributes",
+        "xmlconcat", "xmlelement", "xmlexists", "xmlforest", "xmlnamespaces", "xmlparse", "xmlpi",
+        "xmlroot", "xmlserialize", "xmltable",
+    ];
+    WORDS.contains(&s)
+}
+
+/// Splits `schema.table` (either part may be quoted) into its two names;
+/// a bare name means schema `public`, as Londiste does.
+pub fn split_qualified(name: &str) -> Result<(String, String)> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = name.trim().chars().peekable();
+    let mut was_quoted = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                cur.push('"');
+            }
+            '"' => {
+                quoted = !quoted;
+                was_quoted = true;
+            }
+            '.' if !quoted => {
+                parts.push(std::mem::take(&mut cur));
+                was_quoted = false;
+            }
+            _ if quoted => cur.push(c),
+            // Unquoted names fold to lower case, as in SQL.
+            _ if !was_quoted => cur.extend(c.to_lowercase()),
+            _ => cur.push(c),
+        }
+    }
+    if quoted {
+        return Err(Error::Usage(format!("unterminated quote in name: {name}")));
+    }
+    parts.push(cur);
+    match parts.len() {
+        1 if !parts[0].is_empty() => Ok(("public".into(), parts.pop().unwrap())),
+        2 if !parts[0].is_empty() && !parts[1].is_empty() => {
+            let t = parts.pop().unwrap();
+            Ok((parts.pop().unwrap(), t))
+        }
+        _ => Err(Error::Usage(format!(
+            "bad table name {name:?}: expected TABLE or SCHEMA.TABLE (quote names that contain dots)"
+        ))),
+    }
+}
+
+/// The canonical name of a table in events and state: quoted where needed.
+pub fn fq_name(schema: &str, table: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(table))
+}
+
+fn preview(s: &str) -> String {
+    let mut p: String = s.chars().take(80).collect();
+    if p.len() < s.len() {
+        p.push_str("...");
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records() {
+        let r = parse_record(r#"(1,"b""c",,"","a\\b","x,y")"#).unwrap();
+        assert_eq!(
+            r,
+            vec![
+                Some("1".into()),
+                Some("b\"c".into()),
+                None,
+                Some("".into()),
+                Some("a\\b".into()),
+                Some("x,y".into())
+            ]
+        );
+        assert_eq!(parse_record("()").unwrap(), vec![None]);
+        assert!(parse_record("(\"a)").is_err());
+    }
+
+    #[test]
+    fn arrays() {
+        assert_eq!(parse_text_array(r#"{id,"a b","q\"x",c}"#).unwrap(), vec!["id", "a b", "q\"x", "c"]);
+        assert!(parse_text_array("{}").unwrap().is_empty());
+    }
+
+    #[test]
+    fn snapshots() {
+        let s = Snapshot::parse("10:20:12,15").unwrap();
+        assert!(s.visible(9) && s.visible(11) && !s.visible(12) && !s.visible(20) && s.visible(19));
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(split_qualified("T1").unwrap(), ("public".into(), "t1".into()));
+        assert_eq!(split_qualified(r#""My.S"."x""y""#).unwrap(), ("My.S".into(), "x\"y".into()));
+        assert_eq!(fq_name("public", "Order"), r#"public."Order""#);
+        assert_eq!(fq_name("public", "order"), r#"public."order""#);
+        assert!(split_qualified("a.b.c").is_err());
+    }
+}

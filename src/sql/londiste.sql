@@ -1,0 +1,138 @@
+-- londiste-rs: node, table and sequence state, kept in SQL on every node.
+--
+-- One row per (queue, node) in node_info holds the node's role and, on subscribers,
+-- the worker's position (last_tick_id): the worker updates it in the same
+-- transaction as the rows it applies, which is what makes apply exactly-once.
+-- Plain SQL, no superuser; installed idempotently like the pgq schema.
+
+CREATE SCHEMA IF NOT EXISTS londiste;
+
+CREATE TABLE IF NOT EXISTS londiste.node_info (
+    queue_name text PRIMARY KEY,
+    node_type text NOT NULL CHECK (node_type IN ('root', 'branch', 'leaf')),
+    node_name text NOT NULL,
+    worker_name text NOT NULL,
+    node_location text NOT NULL,
+    provider_node text,
+    provider_location text,
+    last_tick_id bigint,
+    paused boolean NOT NULL DEFAULT false,
+    uptodate boolean NOT NULL DEFAULT true,
+    cur_error text,
+    error_time timestamptz,
+    last_batch_time timestamptz,
+    worker_seen timestamptz,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Members of the set, as this node knows them (the root knows all).
+CREATE TABLE IF NOT EXISTS londiste.node_location (
+    queue_name text NOT NULL,
+    node_name text NOT NULL,
+    node_location text NOT NULL,
+    node_type text,
+    provider_node text,
+    dead boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (queue_name, node_name)
+);
+
+-- merge_state: NULL = waiting for its copy, 'in-copy', 'catching-up' (copied; the
+-- copy thread replays events newer than its snapshot), 'ok' (the worker applies).
+-- custom_snapshot: the copy's txid snapshot; events visible in it are in the copy.
+CREATE TABLE IF NOT EXISTS londiste.table_info (
+    queue_name text NOT NULL REFERENCES londiste.node_info (queue_name) ON DELETE CASCADE,
+    table_name text NOT NULL,
+    dest_table text,
+    local boolean NOT NULL DEFAULT true,
+    merge_state text,
+    custom_snapshot text,
+    copy_tick bigint,
+    key_columns text[],
+    table_attrs text,
+    skip_truncate boolean NOT NULL DEFAULT false,
+    copy_rows bigint,
+    copy_bytes bigint,
+    copy_estimate bigint,
+    copy_started timestamptz,
+    copy_finished timestamptz,
+    added_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (queue_name, table_name)
+);
+
+CREATE TABLE IF NOT EXISTS londiste.seq_info (
+    queue_name text NOT NULL REFERENCES londiste.node_info (queue_name) ON DELETE CASCADE,
+    seq_name text NOT NULL,
+    local boolean NOT NULL DEFAULT true,
+    last_value bigint,
+    PRIMARY KEY (queue_name, seq_name)
+);
+
+CREATE OR REPLACE FUNCTION londiste.version() RETURNS text
+LANGUAGE sql IMMUTABLE AS $$ SELECT '3.8-rs'::text $$;
+
+-- Pushes a sequence forward to at least i_value (never back).
+CREATE OR REPLACE FUNCTION londiste.seq_push(i_seq regclass, i_value bigint) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE cur bigint;
+BEGIN
+    EXECUTE format('SELECT last_value FROM %s', i_seq) INTO cur;
+    IF cur < i_value THEN
+        PERFORM setval(i_seq, i_value);
+        RETURN i_value;
+    END IF;
+    RETURN cur;
+END $$;
+
+-- Root: publish sequence values ahead of use. When a sequence gets within i_buffer
+-- of the last published value, publish value + 3 * i_buffer, so subscribers are
+-- always ahead of the root and a cut-over cannot hand out a used id.
+CREATE OR REPLACE FUNCTION londiste.root_check_seqs(i_queue_name text, i_buffer bigint DEFAULT 10000) RETURNS int4
+LANGUAGE plpgsql AS $$
+DECLARE
+    s record;
+    cur bigint;
+    n int4 := 0;
+BEGIN
+    FOR s IN SELECT seq_name, last_value FROM londiste.seq_info WHERE queue_name = i_queue_name AND local FOR UPDATE LOOP
+        IF to_regclass(s.seq_name) IS NULL THEN
+            CONTINUE;
+        END IF;
+        EXECUTE format('SELECT last_value FROM %s', s.seq_name) INTO cur;
+        IF s.last_value IS NULL OR cur + i_buffer >= s.last_value THEN
+            UPDATE londiste.seq_info SET last_value = cur + 3 * i_buffer
+             WHERE queue_name = i_queue_name AND seq_name = s.seq_name;
+            PERFORM pgq.insert_event(i_queue_name, 'londiste.update-seq', (cur + 3 * i_buffer)::text, s.seq_name, NULL, NULL, NULL);
+            n := n + 1;
+        END IF;
+    END LOOP;
+    RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION londiste.periodic_maintenance() RETURNS int4
+LANGUAGE plpgsql AS $$
+DECLARE q record;
+BEGIN
+    FOR q IN SELECT queue_name FROM londiste.node_info WHERE node_type = 'root' LOOP
+        PERFORM londiste.root_check_seqs(q.queue_name);
+    END LOOP;
+    RETURN 0;
+END $$;
+
+-- Tables of the local database that could be replicated but are not yet added.
+CREATE OR REPLACE FUNCTION londiste.local_show_missing(i_queue_name text, OUT obj_kind text, OUT obj_name text)
+RETURNS SETOF record LANGUAGE sql STABLE AS $$
+    SELECT CASE c.relkind WHEN 'S' THEN 'S' ELSE 'r' END,
+           quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relkind IN ('r', 'p', 'S')
+       AND NOT c.relispartition
+       AND n.nspname NOT IN ('pgq', 'londiste', 'pg_catalog', 'information_schema')
+       AND n.nspname NOT LIKE 'pg\_%'
+       AND NOT EXISTS (SELECT 1 FROM londiste.table_info t
+                        WHERE t.queue_name = i_queue_name
+                          AND t.table_name = quote_ident(n.nspname) || '.' || quote_ident(c.relname))
+       AND NOT EXISTS (SELECT 1 FROM londiste.seq_info s
+                        WHERE s.queue_name = i_queue_name
+                          AND s.seq_name = quote_ident(n.nspname) || '.' || quote_ident(c.relname))
+     ORDER BY 1, 2
+$$;

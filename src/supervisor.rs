@@ -1,0 +1,248 @@
+//! The process: daemonize, pidfile, logging, signals, and one thread per job
+//! (the ticker and each worker). Jobs talk only over channels: signals arrive as
+//! `Control` messages, the ticker's ticks are forwarded to in-process workers.
+//! On HUP the config files are read again; jobs whose settings changed are
+//! restarted, new ones started, removed ones stopped, the rest left alone. A config
+//! that does not load is logged and the running one kept.
+
+use crate::config::{self, TickerConfig, WorkerConfig};
+use crate::daemon::{self, PidFile};
+use crate::error::{Error, Result};
+use crate::logging;
+use crate::signals::{self, Control};
+use crate::ticker::{TickNotice, Ticker};
+use crate::worker::Worker;
+use crossbeam_channel::{Sender, bounded, select, unbounded};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobSpec {
+    Ticker(TickerConfig),
+    Worker(WorkerConfig),
+}
+
+impl JobSpec {
+    fn name(&self) -> &str {
+        match self {
+            JobSpec::Ticker(c) => &c.common.job_name,
+            JobSpec::Worker(c) => &c.common.job_name,
+        }
+    }
+    fn common(&self) -> &config::Common {
+        match self {
+            JobSpec::Ticker(c) => &c.common,
+            JobSpec::Worker(c) => &c.common,
+        }
+    }
+}
+
+/// What one process runs, and its process-level settings (from the first job).
+#[derive(Debug, Clone)]
+pub struct JobSet {
+    pub pidfile: Option<PathBuf>,
+    pub logfile: Option<PathBuf>,
+    pub jobs: Vec<JobSpec>,
+}
+
+type Loader<T> = Box<dyn Fn() -> Result<T>>;
+
+pub enum Jobs {
+    Ticker(Loader<TickerConfig>),
+    Worker(Loader<WorkerConfig>),
+    Multi(Loader<JobSet>),
+}
+
+impl Jobs {
+    fn load(&self) -> Result<JobSet> {
+        let one = |j: JobSpec| JobSet { pidfile: j.common().pidfile.clone(), logfile: j.common().logfile.clone(), jobs: vec![j] };
+        match self {
+            Jobs::Ticker(f) => f().map(|c| one(JobSpec::Ticker(c))),
+            Jobs::Worker(f) => f().map(|c| one(JobSpec::Worker(c))),
+            Jobs::Multi(f) => f(),
+        }
+    }
+}
+
+/// Reads job files for `londiste-rs run`: each is a [pgqd] or a [londiste3] job.
+pub fn load_jobs(files: &[PathBuf], sets: &[(String, String)]) -> Result<JobSet> {
+    let mut jobs: Vec<JobSpec> = Vec::new();
+    for f in files {
+        let s = config::load_section(f, &["pgqd", "londiste3", "londiste", "londiste-rs"], sets)?;
+        let j = if s.name == "pgqd" {
+            JobSpec::Ticker(TickerConfig::from_section(&s)?)
+        } else {
+            JobSpec::Worker(WorkerConfig::from_section(&s)?)
+        };
+        if jobs.iter().any(|x| x.name() == j.name()) {
+            return Err(Error::Config(format!(
+                "{}: job name {:?} is used twice; set job_name in one of the files",
+                f.display(),
+                j.name()
+            )));
+        }
+        jobs.push(j);
+    }
+    let pidfile = jobs.iter().find_map(|j| j.common().pidfile.clone());
+    let logfile = jobs.iter().find_map(|j| j.common().logfile.clone());
+    Ok(JobSet { pidfile, logfile, jobs })
+}
+
+struct Running {
+    spec: JobSpec,
+    ctl: Sender<Control>,
+    ticks: Option<Sender<()>>,
+    handle: JoinHandle<Result<()>>,
+}
+
+fn start(spec: JobSpec, tick_tx: &Sender<TickNotice>) -> Running {
+    let (ctl_tx, ctl_rx) = unbounded::<Control>();
+    let name = spec.name().to_string();
+    match spec.clone() {
+        JobSpec::Ticker(cfg) => {
+            let tt = tick_tx.clone();
+            let handle = crate::thread::spawn(&name, move || {
+                let mut t = Ticker::new(cfg, Some(tt));
+                t.run(&ctl_rx)
+            });
+            Running { spec, ctl: ctl_tx, ticks: None, handle }
+        }
+        JobSpec::Worker(cfg) => {
+            let (wt_tx, wt_rx) = bounded::<()>(1);
+            let handle = crate::thread::spawn(&name, move || {
+                let mut w = Worker::new(cfg);
+                w.run(&ctl_rx, Some(&wt_rx))
+            });
+            Running { spec, ctl: ctl_tx, ticks: Some(wt_tx), handle }
+        }
+    }
+}
+
+/// Runs the jobs until stopped.
+pub fn run(jobs: Jobs, daemonize: bool, quiet: bool) -> Result<()> {
+    let mut set = jobs.load()?;
+    if daemonize && set.pidfile.is_none() {
+        return Err(Error::Config("Daemon needs pidfile: set pidfile in the config file to use -d".into()));
+    }
+    if let Some(p) = &set.logfile {
+        if let Some(dir) = p.parent() {
+            if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                return Err(Error::Config(format!(
+                    "logfile directory {} does not exist; create it or change logfile",
+                    dir.display()
+                )));
+            }
+        }
+    }
+    if daemonize {
+        daemon::daemonize()?;
+    }
+    logging::configure(set.logfile.as_deref(), !daemonize && !quiet).map_err(|e| Error::Config(e.to_string()))?;
+    if let Some(j) = set.jobs.first() {
+        let c = j.common();
+        logging::configure_syslog(c.syslog, &c.syslog_ident, &c.syslog_facility);
+    }
+    let _pid = match &set.pidfile {
+        Some(p) => Some(PidFile::acquire(p)?),
+        None => None,
+    };
+    let sig = signals::listen().map_err(|e| Error::Io(format!("cannot set up signal handling: {e}")))?;
+    let (tick_tx, tick_rx) = bounded::<TickNotice>(64);
+    let mut running: BTreeMap<String, Running> = BTreeMap::new();
+    for j in set.jobs.clone() {
+        running.insert(j.name().to_string(), start(j, &tick_tx));
+    }
+    let mut restart_at: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut stopping = false;
+    loop {
+        select! {
+            recv(sig) -> m => match m {
+                Ok(Control::Reload) => {
+                    logging::reopen();
+                    match jobs.load() {
+                        Ok(new) => {
+                            reconcile(&mut running, &new, &tick_tx);
+                            set = new;
+                        }
+                        Err(e) => log::error!("reload failed, keeping the running config: {e}"),
+                    }
+                }
+                Ok(c) => {
+                    stopping = true;
+                    for r in running.values() {
+                        let _ = r.ctl.send(c);
+                    }
+                }
+                Err(_) => {}
+            },
+            recv(tick_rx) -> _ => {
+                for r in running.values() {
+                    if let Some(t) = &r.ticks {
+                        let _ = t.try_send(());
+                    }
+                }
+            },
+            default(Duration::from_millis(500)) => {}
+        }
+        // Reap finished threads: restart failed jobs after a pause, unless stopping.
+        let done: Vec<String> = running.iter().filter(|(_, r)| r.handle.is_finished()).map(|(k, _)| k.clone()).collect();
+        for name in done {
+            let r = running.remove(&name).unwrap();
+            let res = r.handle.join().unwrap_or_else(|_| Err(Error::Other("thread panicked".into())));
+            if stopping {
+                continue;
+            }
+            match res {
+                Ok(()) => {
+                    log::info!("job {name} finished");
+                }
+                Err(Error::Stopped) => {}
+                Err(e) => {
+                    log::error!("job {name} failed: {e}; restarting it in 5s");
+                    restart_at.insert(name.clone(), Instant::now() + Duration::from_secs(5));
+                }
+            }
+        }
+        let due: Vec<String> = restart_at.iter().filter(|(_, at)| Instant::now() >= **at).map(|(k, _)| k.clone()).collect();
+        for name in due {
+            restart_at.remove(&name);
+            if let Some(spec) = set.jobs.iter().find(|j| j.name() == name) {
+                running.insert(name.clone(), start(spec.clone(), &tick_tx));
+            }
+        }
+        if running.is_empty() && restart_at.is_empty() {
+            log::info!("all jobs ended; exiting");
+            return Ok(());
+        }
+    }
+}
+
+/// Applies a reloaded config: restart changed jobs, start new, stop removed.
+fn reconcile(running: &mut BTreeMap<String, Running>, new: &JobSet, tick_tx: &Sender<TickNotice>) {
+    let names: Vec<String> = running.keys().cloned().collect();
+    for name in names {
+        let keep = new.jobs.iter().find(|j| j.name() == name);
+        let same = keep.is_some_and(|j| *j == running[&name].spec);
+        if same {
+            continue;
+        }
+        let r = running.remove(&name).unwrap();
+        let _ = r.ctl.send(Control::Kill);
+        let _ = r.handle.join();
+        match keep {
+            Some(j) => {
+                log::info!("job {name}: config changed, restarted");
+                running.insert(name.clone(), start(j.clone(), tick_tx));
+            }
+            None => log::info!("job {name}: removed from config, stopped"),
+        }
+    }
+    for j in &new.jobs {
+        if !running.contains_key(j.name()) {
+            log::info!("job {}: new in config, started", j.name());
+            running.insert(j.name().to_string(), start(j.clone(), tick_tx));
+        }
+    }
+}
