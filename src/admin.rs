@@ -33,23 +33,37 @@ fn connect_local(cfg: &WorkerConfig) -> Result<Client> {
 }
 
 fn remote(cfg: &WorkerConfig, loc: &str) -> Result<Client> {
-    db::connect(&db::with_extra(loc, &cfg.remote_extra_connstr), "londiste-rs admin")
+    db::connect(
+        &db::with_extra(loc, &cfg.remote_extra_connstr),
+        "londiste-rs admin",
+    )
 }
 
 pub fn create_root(cfg: &WorkerConfig, name: Option<&str>, location: Option<&str>) -> Result<()> {
-    let name = name.map(String::from).or_else(|| cfg.node_name.clone()).ok_or_else(|| {
-        Error::Usage("create-root needs a node name: create-root NAME [CONNSTR]".into())
-    })?;
-    let loc = location.map(String::from).or_else(|| cfg.public_node_location.clone()).unwrap_or_else(|| cfg.db.clone());
+    let name = name
+        .map(String::from)
+        .or_else(|| cfg.node_name.clone())
+        .ok_or_else(|| {
+            Error::Usage("create-root needs a node name: create-root NAME [CONNSTR]".into())
+        })?;
+    let loc = location
+        .map(String::from)
+        .or_else(|| cfg.public_node_location.clone())
+        .unwrap_or_else(|| cfg.db.clone());
     let mut c = connect_local(cfg)?;
     install::install_all(&mut c)?;
     if let Some(n) = node::load(&mut c, &cfg.queue_name)? {
-        log::info!("Node is already initialized as {} ({})", n.node_name, n.node_type);
+        log::info!(
+            "Node is already initialized as {} ({})",
+            n.node_name,
+            n.node_type
+        );
         return Ok(());
     }
     warn_location(&loc);
     let mut tx = c.transaction().ctx(|| "cannot begin".into())?;
-    tx.query_one("SELECT pgq.create_queue($1)", &[&cfg.queue_name]).ctx(|| "cannot create the queue".into())?;
+    tx.query_one("SELECT pgq.create_queue($1)", &[&cfg.queue_name])
+        .ctx(|| "cannot create the queue".into())?;
     tx.execute(
         "INSERT INTO londiste.node_info (queue_name, node_type, node_name, worker_name, node_location)
          VALUES ($1, 'root', $2, $3, $4)",
@@ -70,23 +84,50 @@ pub fn create_root(cfg: &WorkerConfig, name: Option<&str>, location: Option<&str
 
 fn warn_location(loc: &str) {
     if !loc.contains("host=") && !loc.contains("service=") && !loc.contains("://") {
-        log::warn!("public connect string {:?} has no host=: other nodes may not reach this one", db::redact(loc));
+        log::warn!(
+            "public connect string {:?} has no host=: other nodes may not reach this one",
+            db::redact(loc)
+        );
     }
 }
 
 /// create-branch and create-leaf.
-pub fn create_subscriber(cfg: &WorkerConfig, kind: &str, name: Option<&str>, location: Option<&str>, opts: &Opts) -> Result<()> {
-    let name = name.map(String::from).or_else(|| cfg.node_name.clone()).ok_or_else(|| {
-        Error::Usage(format!("create-{kind} needs a node name: create-{kind} NAME [CONNSTR] --provider=CONNSTR"))
-    })?;
-    let provider_loc = opts.provider.clone().or_else(|| cfg.initial_provider_location.clone()).ok_or_else(|| {
-        Error::Usage(format!("create-{kind} needs --provider=CONNSTR (the provider node's connect string)"))
-    })?;
-    let loc = location.map(String::from).or_else(|| cfg.public_node_location.clone()).unwrap_or_else(|| cfg.db.clone());
+pub fn create_subscriber(
+    cfg: &WorkerConfig,
+    kind: &str,
+    name: Option<&str>,
+    location: Option<&str>,
+    opts: &Opts,
+) -> Result<()> {
+    let name = name
+        .map(String::from)
+        .or_else(|| cfg.node_name.clone())
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "create-{kind} needs a node name: create-{kind} NAME [CONNSTR] --provider=CONNSTR"
+            ))
+        })?;
+    let provider_loc = opts
+        .provider
+        .clone()
+        .or_else(|| cfg.initial_provider_location.clone())
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "create-{kind} needs --provider=CONNSTR (the provider node's connect string)"
+            ))
+        })?;
+    let loc = location
+        .map(String::from)
+        .or_else(|| cfg.public_node_location.clone())
+        .unwrap_or_else(|| cfg.db.clone());
     let mut c = connect_local(cfg)?;
     install::install_all(&mut c)?;
     if let Some(n) = node::load(&mut c, &cfg.queue_name)? {
-        log::info!("Node is already initialized as {} ({})", n.node_name, n.node_type);
+        log::info!(
+            "Node is already initialized as {} ({})",
+            n.node_name,
+            n.node_type
+        );
         return Ok(());
     }
     warn_location(&loc);
@@ -99,10 +140,15 @@ pub fn create_subscriber(cfg: &WorkerConfig, kind: &str, name: Option<&str>, loc
         ))
     })?;
     if pnode.node_type == "leaf" {
-        return Err(Error::Other(format!("Cannot subscribe to leaf node {}: use its provider or a branch", pnode.node_name)));
+        return Err(Error::Other(format!(
+            "Cannot subscribe to leaf node {}: use its provider or a branch",
+            pnode.node_name
+        )));
     }
     if pnode.node_name == name {
-        return Err(Error::Other(format!("node name {name} is the provider's own name; choose another")));
+        return Err(Error::Other(format!(
+            "node name {name} is the provider's own name; choose another"
+        )));
     }
     let taken: Option<String> = p
         .query_opt(
@@ -121,8 +167,11 @@ pub fn create_subscriber(cfg: &WorkerConfig, kind: &str, name: Option<&str>, loc
         }
     }
     let worker = cfg.consumer_name.clone();
-    p.query_one("SELECT pgq.register_consumer($1, $2)", &[&cfg.queue_name, &worker])
-        .ctx(|| format!("cannot register consumer {worker} on the provider"))?;
+    p.query_one(
+        "SELECT pgq.register_consumer($1, $2)",
+        &[&cfg.queue_name, &worker],
+    )
+    .ctx(|| format!("cannot register consumer {worker} on the provider"))?;
     let row = p
         .query_one(
             "SELECT t.tick_id, t.tick_time::text, t.tick_event_seq FROM pgq.subscription s
@@ -161,7 +210,8 @@ pub fn create_subscriber(cfg: &WorkerConfig, kind: &str, name: Option<&str>, loc
         .ctx(|| "cannot read members".into())?;
     let mut tx = c.transaction().ctx(|| "cannot begin".into())?;
     if kind == "branch" {
-        tx.query_one("SELECT pgq.create_queue($1)", &[&cfg.queue_name]).ctx(|| "cannot create the local queue".into())?;
+        tx.query_one("SELECT pgq.create_queue($1)", &[&cfg.queue_name])
+            .ctx(|| "cannot create the local queue".into())?;
         tx.execute(
             "UPDATE pgq.queue SET queue_external_ticker = true, queue_disable_insert = true WHERE queue_name = $1",
             &[&cfg.queue_name],
@@ -193,7 +243,11 @@ pub fn create_subscriber(cfg: &WorkerConfig, kind: &str, name: Option<&str>, loc
         .ctx(|| "cannot copy members".into())?;
     }
     tx.commit().ctx(|| "cannot commit".into())?;
-    log::info!("Initialized {kind} node {name} of queue {}, provider {}", cfg.queue_name, pnode.node_name);
+    log::info!(
+        "Initialized {kind} node {name} of queue {}, provider {}",
+        cfg.queue_name,
+        pnode.node_name
+    );
     log::info!("Done");
     Ok(())
 }
@@ -207,7 +261,9 @@ fn find_root(cfg: &WorkerConfig, c: &mut Client, n: &NodeInfo) -> Result<Option<
     for _ in 0..32 {
         let Some(l) = loc else { return Ok(None) };
         let mut r = remote(cfg, &l)?;
-        let Some(rn) = node::load(&mut r, &cfg.queue_name)? else { return Ok(None) };
+        let Some(rn) = node::load(&mut r, &cfg.queue_name)? else {
+            return Ok(None);
+        };
         if rn.is_root() {
             return Ok(Some(l));
         }
@@ -220,7 +276,10 @@ fn find_root(cfg: &WorkerConfig, c: &mut Client, n: &NodeInfo) -> Result<Option<
 /// Tables of the root database that could be added (not ours, not yet added).
 fn missing(c: &mut Client, queue: &str) -> Result<Vec<(String, String)>> {
     let rows = c
-        .query("SELECT obj_kind, obj_name FROM londiste.local_show_missing($1)", &[&queue])
+        .query(
+            "SELECT obj_kind, obj_name FROM londiste.local_show_missing($1)",
+            &[&queue],
+        )
         .ctx(|| "cannot list missing objects".into())?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
@@ -246,12 +305,18 @@ fn resolve(args: &[String], pool: &[String], opts: &Opts, what: &str) -> Result<
         return Ok(pool.to_vec());
     }
     if args.is_empty() {
-        return Err(Error::Usage(format!("name the {what}s to use, or give --all")));
+        return Err(Error::Usage(format!(
+            "name the {what}s to use, or give --all"
+        )));
     }
     let mut out = Vec::new();
     for a in args {
         if a.contains('*') || a.contains('?') {
-            let pat = if a.contains('.') { a.clone() } else { format!("public.{a}") };
+            let pat = if a.contains('.') {
+                a.clone()
+            } else {
+                format!("public.{a}")
+            };
             let hits: Vec<&String> = pool.iter().filter(|t| glob_match(&pat, t)).collect();
             if hits.is_empty() {
                 log::warn!("no {what} matches {a}");
@@ -277,10 +342,16 @@ pub fn add_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()>
     let mut c = connect_local(cfg)?;
     let n = node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
     if opts.dest_table.is_some() && (opts.all || args.len() != 1) {
-        return Err(Error::Usage("--dest-table works with exactly one table".into()));
+        return Err(Error::Usage(
+            "--dest-table works with exactly one table".into(),
+        ));
     }
     if n.is_root() {
-        let pool: Vec<String> = missing(&mut c, &cfg.queue_name)?.into_iter().filter(|(k, _)| k == "r").map(|(_, n)| n).collect();
+        let pool: Vec<String> = missing(&mut c, &cfg.queue_name)?
+            .into_iter()
+            .filter(|(k, _)| k == "r")
+            .map(|(_, n)| n)
+            .collect();
         let names = resolve(args, &pool, opts, "table")?;
         let mut failed = 0;
         for t in names {
@@ -308,8 +379,15 @@ pub fn add_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()>
         )
         .ctx(|| "cannot read the provider's tables".into())?;
     let provider_tables: Vec<String> = prov_rows.iter().map(|r| r.get(0)).collect();
-    let have: Vec<String> = node::tables(&mut c, &cfg.queue_name)?.into_iter().map(|t| t.table_name).collect();
-    let pool: Vec<String> = provider_tables.iter().filter(|t| !have.contains(t)).cloned().collect();
+    let have: Vec<String> = node::tables(&mut c, &cfg.queue_name)?
+        .into_iter()
+        .map(|t| t.table_name)
+        .collect();
+    let pool: Vec<String> = provider_tables
+        .iter()
+        .filter(|t| !have.contains(t))
+        .cloned()
+        .collect();
     let names = resolve(args, &pool, opts, "table")?;
     if names.is_empty() && opts.all {
         log::info!("nothing to add: every table of the provider is already added here");
@@ -348,7 +426,10 @@ pub fn add_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()>
             }
         }
         let has_key: bool = c
-            .query_one("SELECT pgq.table_pkey($1::text::regclass) IS NOT NULL", &[&local_name])
+            .query_one(
+                "SELECT pgq.table_pkey($1::text::regclass) IS NOT NULL",
+                &[&local_name],
+            )
             .ctx(|| format!("cannot read the key of {local_name}"))?
             .get(0);
         if !has_key && opts.keys.is_none() {
@@ -363,8 +444,18 @@ pub fn add_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()>
             &[&cfg.queue_name, &t, &dest, &state, &opts.skip_truncate, &opts.keys],
         )
         .ctx(|| format!("cannot add table {t}"))?;
-        log::info!("Table added: {t}{}", if opts.expect_sync { " (expected in sync, no copy)" } else { "" });
+        log::info!(
+            "Table added: {t}{}",
+            if opts.expect_sync {
+                " (expected in sync, no copy)"
+            } else {
+                ""
+            }
+        );
     }
+    // Wake the worker now instead of at its next loop_delay: it listens for
+    // ticks on the provider.
+    let _ = p.execute("SELECT pg_notify('pgq_tick', $1)", &[&cfg.queue_name]);
     if opts.wait_sync {
         wait_sync(cfg)?;
     }
@@ -373,17 +464,25 @@ pub fn add_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()>
 
 fn add_root_table(c: &mut Client, cfg: &WorkerConfig, t: &str, opts: &Opts) -> Result<()> {
     if !table_exists(c, t)? {
-        return Err(Error::Other(format!("table {t} does not exist in this database; check the name (schema.table)")));
+        return Err(Error::Other(format!(
+            "table {t} does not exist in this database; check the name (schema.table)"
+        )));
     }
     let exists = c
-        .query_opt("SELECT 1 FROM londiste.table_info WHERE queue_name = $1 AND table_name = $2", &[&cfg.queue_name, &t])
+        .query_opt(
+            "SELECT 1 FROM londiste.table_info WHERE queue_name = $1 AND table_name = $2",
+            &[&cfg.queue_name, &t],
+        )
         .ctx(|| "cannot read table_info".into())?;
     if exists.is_some() {
         log::info!("Table {t} already added");
         return Ok(());
     }
     let has_key: bool = c
-        .query_one("SELECT pgq.table_pkey($1::text::regclass) IS NOT NULL", &[&t])
+        .query_one(
+            "SELECT pgq.table_pkey($1::text::regclass) IS NOT NULL",
+            &[&t],
+        )
         .ctx(|| format!("cannot read the key of {t}"))?
         .get(0);
     if !has_key && opts.keys.is_none() {
@@ -392,22 +491,36 @@ fn add_root_table(c: &mut Client, cfg: &WorkerConfig, t: &str, opts: &Opts) -> R
         )));
     }
     let mut tx = c.transaction().ctx(|| "cannot begin".into())?;
-    tx.execute(&format!("SET LOCAL lock_timeout = '{}ms'", cfg.lock_timeout.as_millis()), &[])
-        .ctx(|| "cannot set lock_timeout".into())?;
+    tx.execute(
+        &format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            cfg.lock_timeout.as_millis()
+        ),
+        &[],
+    )
+    .ctx(|| "cannot set lock_timeout".into())?;
     if !opts.no_triggers {
         tx.query_one(
             "SELECT pgq.capture_create($1, $2::text::regclass, $3, 'capture')",
             &[&cfg.queue_name, &t, &opts.keys],
         )
-        .ctx(|| format!("cannot create the capture triggers on {t} (lock_timeout {:?}; is the table busy?)", cfg.lock_timeout))?;
+        .ctx(|| {
+            format!(
+                "cannot create the capture triggers on {t} (lock_timeout {:?}; is the table busy?)",
+                cfg.lock_timeout
+            )
+        })?;
     }
     tx.execute(
         "INSERT INTO londiste.table_info (queue_name, table_name, local, merge_state, key_columns) VALUES ($1, $2, true, 'ok', $3)",
         &[&cfg.queue_name, &t, &opts.keys],
     )
     .ctx(|| format!("cannot add table {t}"))?;
-    tx.query_one("SELECT pgq.insert_event($1, 'londiste.add-table', $2)", &[&cfg.queue_name, &t])
-        .ctx(|| "cannot announce the table".into())?;
+    tx.query_one(
+        "SELECT pgq.insert_event($1, 'londiste.add-table', $2)",
+        &[&cfg.queue_name, &t],
+    )
+    .ctx(|| "cannot announce the table".into())?;
     tx.commit().ctx(|| "cannot commit".into())?;
     log::info!("Table added: {t}");
     Ok(())
@@ -438,8 +551,14 @@ fn create_from_provider(p: &mut Client, c: &mut Client, src: &str, dest: &str) -
         defs.push(format!("PRIMARY KEY ({})", k.join(", ")));
     }
     let (s, _) = split_qualified(dest)?;
-    let sql = format!("CREATE SCHEMA IF NOT EXISTS {}; CREATE TABLE {} ({})", crate::record::ident(&s), dest, defs.join(", "));
-    c.batch_execute(&sql).ctx(|| format!("cannot create table {dest}"))?;
+    let sql = format!(
+        "CREATE SCHEMA IF NOT EXISTS {}; CREATE TABLE {} ({})",
+        crate::record::ident(&s),
+        dest,
+        defs.join(", ")
+    );
+    c.batch_execute(&sql)
+        .ctx(|| format!("cannot create table {dest}"))?;
     log::info!("Created table {dest}");
     Ok(())
 }
@@ -447,7 +566,10 @@ fn create_from_provider(p: &mut Client, c: &mut Client, src: &str, dest: &str) -
 pub fn remove_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let mut c = connect_local(cfg)?;
     let n = node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
-    let have: Vec<String> = node::tables(&mut c, &cfg.queue_name)?.into_iter().map(|t| t.table_name).collect();
+    let have: Vec<String> = node::tables(&mut c, &cfg.queue_name)?
+        .into_iter()
+        .map(|t| t.table_name)
+        .collect();
     let names = resolve(args, &have, opts, "table")?;
     for t in names {
         if !have.contains(&t) {
@@ -456,13 +578,22 @@ pub fn remove_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<
         }
         let mut tx = c.transaction().ctx(|| "cannot begin".into())?;
         if n.is_root() && table_exists_tx(&mut tx, &t)? {
-            tx.query_one("SELECT pgq.capture_drop($1, $2::text::regclass)", &[&cfg.queue_name, &t])
-                .ctx(|| format!("cannot drop the triggers on {t}"))?;
-            tx.query_one("SELECT pgq.insert_event($1, 'londiste.remove-table', $2)", &[&cfg.queue_name, &t])
-                .ctx(|| "cannot announce the removal".into())?;
+            tx.query_one(
+                "SELECT pgq.capture_drop($1, $2::text::regclass)",
+                &[&cfg.queue_name, &t],
+            )
+            .ctx(|| format!("cannot drop the triggers on {t}"))?;
+            tx.query_one(
+                "SELECT pgq.insert_event($1, 'londiste.remove-table', $2)",
+                &[&cfg.queue_name, &t],
+            )
+            .ctx(|| "cannot announce the removal".into())?;
         }
-        tx.execute("DELETE FROM londiste.table_info WHERE queue_name = $1 AND table_name = $2", &[&cfg.queue_name, &t])
-            .ctx(|| "cannot remove the table".into())?;
+        tx.execute(
+            "DELETE FROM londiste.table_info WHERE queue_name = $1 AND table_name = $2",
+            &[&cfg.queue_name, &t],
+        )
+        .ctx(|| "cannot remove the table".into())?;
         tx.commit().ctx(|| "cannot commit".into())?;
         log::info!("Table removed: {t}");
     }
@@ -470,16 +601,24 @@ pub fn remove_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<
 }
 
 fn table_exists_tx(tx: &mut postgres::Transaction, name: &str) -> Result<bool> {
-    Ok(tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&name]).ctx(|| "cannot look up table".into())?.get(0))
+    Ok(tx
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+        .ctx(|| "cannot look up table".into())?
+        .get(0))
 }
 
 pub fn resync(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let mut c = connect_local(cfg)?;
     let n = node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
     if n.is_root() {
-        return Err(Error::Other("resync is for subscriber nodes; the root is the source".into()));
+        return Err(Error::Other(
+            "resync is for subscriber nodes; the root is the source".into(),
+        ));
     }
-    let have: Vec<String> = node::tables(&mut c, &cfg.queue_name)?.into_iter().map(|t| t.table_name).collect();
+    let have: Vec<String> = node::tables(&mut c, &cfg.queue_name)?
+        .into_iter()
+        .map(|t| t.table_name)
+        .collect();
     for t in resolve(args, &have, opts, "table")? {
         let k = c
             .execute(
@@ -500,29 +639,45 @@ pub fn add_seq(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let mut c = connect_local(cfg)?;
     let n = node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
     let pool: Vec<String> = if n.is_root() {
-        missing(&mut c, &cfg.queue_name)?.into_iter().filter(|(k, _)| k == "S").map(|(_, n)| n).collect()
+        missing(&mut c, &cfg.queue_name)?
+            .into_iter()
+            .filter(|(k, _)| k == "S")
+            .map(|(_, n)| n)
+            .collect()
     } else {
         let mut p = remote(cfg, n.provider_location.as_deref().unwrap_or(""))?;
         let rows = p
-            .query("SELECT seq_name FROM londiste.seq_info WHERE queue_name = $1 AND local", &[&cfg.queue_name])
+            .query(
+                "SELECT seq_name FROM londiste.seq_info WHERE queue_name = $1 AND local",
+                &[&cfg.queue_name],
+            )
             .ctx(|| "cannot read the provider's sequences".into())?;
         let have: Vec<String> = c
-            .query("SELECT seq_name FROM londiste.seq_info WHERE queue_name = $1", &[&cfg.queue_name])
+            .query(
+                "SELECT seq_name FROM londiste.seq_info WHERE queue_name = $1",
+                &[&cfg.queue_name],
+            )
             .ctx(|| "cannot read seq_info".into())?
             .iter()
             .map(|r| r.get(0))
             .collect();
-        rows.iter().map(|r| r.get::<_, String>(0)).filter(|s| !have.contains(s)).collect()
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .filter(|s| !have.contains(s))
+            .collect()
     };
     for s in resolve(args, &pool, opts, "sequence")? {
         if !table_exists(&mut c, &s)? {
             if opts.create || opts.create_full {
-                c.batch_execute(&format!("CREATE SEQUENCE {s}")).ctx(|| format!("cannot create sequence {s}"))?;
+                c.batch_execute(&format!("CREATE SEQUENCE {s}"))
+                    .ctx(|| format!("cannot create sequence {s}"))?;
             } else if opts.skip_non_existing {
                 log::warn!("sequence {s} does not exist here; skipped");
                 continue;
             } else {
-                return Err(Error::Other(format!("sequence {s} does not exist on this node: create it, or add with --create")));
+                return Err(Error::Other(format!(
+                    "sequence {s} does not exist on this node: create it, or add with --create"
+                )));
             }
         }
         let k = c
@@ -531,11 +686,21 @@ pub fn add_seq(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
                 &[&cfg.queue_name, &s],
             )
             .ctx(|| format!("cannot add sequence {s}"))?;
-        log::info!("{} {s}", if k == 0 { "Sequence already added:" } else { "Sequence added:" });
+        log::info!(
+            "{} {s}",
+            if k == 0 {
+                "Sequence already added:"
+            } else {
+                "Sequence added:"
+            }
+        );
     }
     if n.is_root() {
-        c.query_one("SELECT londiste.root_check_seqs($1, $2)", &[&cfg.queue_name, &cfg.seq_buffer])
-            .ctx(|| "cannot publish sequences".into())?;
+        c.query_one(
+            "SELECT londiste.root_check_seqs($1, $2)",
+            &[&cfg.queue_name, &cfg.seq_buffer],
+        )
+        .ctx(|| "cannot publish sequences".into())?;
     }
     Ok(())
 }
@@ -544,14 +709,20 @@ pub fn remove_seq(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()
     let mut c = connect_local(cfg)?;
     node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
     let have: Vec<String> = c
-        .query("SELECT seq_name FROM londiste.seq_info WHERE queue_name = $1", &[&cfg.queue_name])
+        .query(
+            "SELECT seq_name FROM londiste.seq_info WHERE queue_name = $1",
+            &[&cfg.queue_name],
+        )
         .ctx(|| "cannot read seq_info".into())?
         .iter()
         .map(|r| r.get(0))
         .collect();
     for s in resolve(args, &have, opts, "sequence")? {
-        c.execute("DELETE FROM londiste.seq_info WHERE queue_name = $1 AND seq_name = $2", &[&cfg.queue_name, &s])
-            .ctx(|| "cannot remove sequence".into())?;
+        c.execute(
+            "DELETE FROM londiste.seq_info WHERE queue_name = $1 AND seq_name = $2",
+            &[&cfg.queue_name, &s],
+        )
+        .ctx(|| "cannot remove sequence".into())?;
         log::info!("Sequence removed: {s}");
     }
     Ok(())
@@ -563,9 +734,21 @@ fn human_state(t: &node::TableState) -> String {
         Some("in-copy") => {
             let rows = t.copy_rows.unwrap_or(0);
             let est = t.copy_estimate.unwrap_or(0);
-            let pct = if est > 0 { format!(" {:.0}%", 100.0 * rows as f64 / est as f64) } else { String::new() };
-            let rate = t.copy_seconds.filter(|s| *s > 0.0).map(|s| rows as f64 / s).unwrap_or(0.0);
-            let eta = if rate > 0.0 && est > rows { format!(", ETA {:.0}s", (est - rows) as f64 / rate) } else { String::new() };
+            let pct = if est > 0 {
+                format!(" {:.0}%", 100.0 * rows as f64 / est as f64)
+            } else {
+                String::new()
+            };
+            let rate = t
+                .copy_seconds
+                .filter(|s| *s > 0.0)
+                .map(|s| rows as f64 / s)
+                .unwrap_or(0.0);
+            let eta = if rate > 0.0 && est > rows {
+                format!(", ETA {:.0}s", (est - rows) as f64 / rate)
+            } else {
+                String::new()
+            };
             format!("in-copy: {rows} rows{pct}, {rate:.0} rows/s{eta}")
         }
         Some(s) => s.to_string(),
@@ -603,7 +786,12 @@ pub fn seqs(cfg: &WorkerConfig) -> Result<()> {
     println!("{:<40} {:<6} {}", "Sequence", "Local", "Last value");
     for r in rows {
         let (n, l, v): (String, bool, Option<i64>) = (r.get(0), r.get(1), r.get(2));
-        println!("{:<40} {:<6} {}", n, l, v.map(|v| v.to_string()).unwrap_or_default());
+        println!(
+            "{:<40} {:<6} {}",
+            n,
+            l,
+            v.map(|v| v.to_string()).unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -618,7 +806,10 @@ pub fn show_missing(cfg: &WorkerConfig) -> Result<()> {
         return Ok(());
     }
     let mut p = remote(cfg, n.provider_location.as_deref().unwrap_or(""))?;
-    let have: Vec<String> = node::tables(&mut c, &cfg.queue_name)?.into_iter().map(|t| t.table_name).collect();
+    let have: Vec<String> = node::tables(&mut c, &cfg.queue_name)?
+        .into_iter()
+        .map(|t| t.table_name)
+        .collect();
     for t in node::tables(&mut p, &cfg.queue_name)? {
         if t.local && !have.contains(&t.table_name) {
             println!("table  {}", t.table_name);
@@ -654,13 +845,24 @@ pub fn node_info(cfg: &WorkerConfig) -> Result<()> {
     } else {
         "OK"
     };
-    println!("Node: {}  Type: {}  Queue: {}", n.node_name, n.node_type, n.queue_name);
+    println!(
+        "Node: {}  Type: {}  Queue: {}",
+        n.node_name, n.node_type, n.queue_name
+    );
     println!("Status: {status}");
     if let Some(p) = &n.provider_node {
-        println!("Provider: {} ({})", p, db::redact(n.provider_location.as_deref().unwrap_or("")));
+        println!(
+            "Provider: {} ({})",
+            p,
+            db::redact(n.provider_location.as_deref().unwrap_or(""))
+        );
     }
     println!("Location: {}", db::redact(&n.node_location));
-    println!("Worker: {}  Last tick: {}", n.worker_name, n.last_tick_id.map(|t| t.to_string()).unwrap_or("-".into()));
+    println!(
+        "Worker: {}  Last tick: {}",
+        n.worker_name,
+        n.last_tick_id.map(|t| t.to_string()).unwrap_or("-".into())
+    );
     if let Some(e) = &n.cur_error {
         println!("ERR: {e}");
     }
@@ -670,8 +872,11 @@ pub fn node_info(cfg: &WorkerConfig) -> Result<()> {
 pub fn pause(cfg: &WorkerConfig, paused: bool) -> Result<()> {
     let mut c = connect_local(cfg)?;
     node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
-    c.execute("UPDATE londiste.node_info SET paused = $2 WHERE queue_name = $1", &[&cfg.queue_name, &paused])
-        .ctx(|| "cannot change the pause flag".into())?;
+    c.execute(
+        "UPDATE londiste.node_info SET paused = $2 WHERE queue_name = $1",
+        &[&cfg.queue_name, &paused],
+    )
+    .ctx(|| "cannot change the pause flag".into())?;
     log::info!("worker {}", if paused { "paused" } else { "resumed" });
     Ok(())
 }
@@ -683,7 +888,10 @@ pub fn wait_sync(cfg: &WorkerConfig) -> Result<()> {
     let mut last = usize::MAX;
     loop {
         let ts = node::tables(&mut c, &cfg.queue_name)?;
-        let todo: Vec<_> = ts.iter().filter(|t| t.local && t.merge_state.as_deref() != Some("ok")).collect();
+        let todo: Vec<_> = ts
+            .iter()
+            .filter(|t| t.local && t.merge_state.as_deref() != Some("ok"))
+            .collect();
         if todo.is_empty() {
             log::info!("All tables in sync");
             return Ok(());
@@ -705,7 +913,8 @@ pub fn wait_upstream(cfg: &WorkerConfig, root: bool) -> Result<()> {
         return Ok(());
     }
     let up = if root {
-        find_root(cfg, &mut c, &n)?.ok_or_else(|| Error::Other("cannot find the root node".into()))?
+        find_root(cfg, &mut c, &n)?
+            .ok_or_else(|| Error::Other("cannot find the root node".into()))?
     } else {
         n.provider_location.clone().unwrap_or_default()
     };

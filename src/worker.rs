@@ -39,7 +39,12 @@ pub struct Batch {
 }
 
 /// Asks the provider for the next batch of `consumer`.
-pub fn next_batch(p: &mut Client, queue: &str, consumer: &str, max_events: Option<i64>) -> Result<Option<Batch>> {
+pub fn next_batch(
+    p: &mut Client,
+    queue: &str,
+    consumer: &str,
+    max_events: Option<i64>,
+) -> Result<Option<Batch>> {
     let row = match max_events {
         Some(m) => p.query_one(
             "SELECT batch_id, cur_tick_id, prev_tick_id, cur_tick_time::text, cur_tick_event_seq
@@ -83,7 +88,9 @@ pub fn for_each_chunk(
     stop: &dyn Fn() -> bool,
     f: &mut dyn FnMut(&[Event]) -> Result<()>,
 ) -> Result<()> {
-    let mut ptx = p.transaction().ctx(|| "cannot begin a read transaction on the provider".into())?;
+    let mut ptx = p
+        .transaction()
+        .ctx(|| "cannot begin a read transaction on the provider".into())?;
     let sql: String = ptx
         .query_one("SELECT pgq.batch_event_sql($1)", &[&batch_id])
         .ctx(|| format!("cannot read batch {batch_id}"))?
@@ -91,12 +98,16 @@ pub fn for_each_chunk(
     let sql = format!(
         "SELECT ev_id, ev_time::text, ev_txid, ev_retry, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4 FROM ({sql}) ev"
     );
-    let portal = ptx.bind(sql.as_str(), &[]).ctx(|| format!("cannot open batch {batch_id}"))?;
+    let portal = ptx
+        .bind(sql.as_str(), &[])
+        .ctx(|| format!("cannot open batch {batch_id}"))?;
     loop {
         if stop() {
             return Err(Error::Stopped);
         }
-        let rows = ptx.query_portal(&portal, FETCH as i32).ctx(|| format!("cannot fetch events of batch {batch_id}"))?;
+        let rows = ptx
+            .query_portal(&portal, FETCH as i32)
+            .ctx(|| format!("cannot fetch events of batch {batch_id}"))?;
         if rows.is_empty() {
             break;
         }
@@ -121,7 +132,8 @@ pub fn for_each_chunk(
             break;
         }
     }
-    ptx.commit().ctx(|| "cannot end the read transaction on the provider".into())?;
+    ptx.commit()
+        .ctx(|| "cannot end the read transaction on the provider".into())?;
     Ok(())
 }
 
@@ -129,8 +141,10 @@ pub fn for_each_chunk(
 /// replica mode when the role may set it (then user triggers and foreign keys do
 /// not fire either, as with Skytools). Returns whether replica mode is on.
 pub fn prepare_apply_session(c: &mut Client) -> Result<bool> {
-    c.batch_execute("SET londiste.replay = 'on'").ctx(|| "cannot set londiste.replay".into())?;
-    Ok(c.batch_execute("SET session_replication_role = 'replica'").is_ok())
+    c.batch_execute("SET londiste.replay = 'on'")
+        .ctx(|| "cannot set londiste.replay".into())?;
+    Ok(c.batch_execute("SET session_replication_role = 'replica'")
+        .is_ok())
 }
 
 struct CopyHandle {
@@ -175,7 +189,10 @@ impl Worker {
 
     fn local(&mut self) -> Result<&mut Client> {
         if self.local.is_none() {
-            let mut c = db::connect(&self.cfg.db, &format!("londiste-rs {}", self.cfg.common.job_name))?;
+            let mut c = db::connect(
+                &self.cfg.db,
+                &format!("londiste-rs {}", self.cfg.common.job_name),
+            )?;
             self.replica_mode = prepare_apply_session(&mut c)?;
             self.local = Some(c);
         }
@@ -185,10 +202,16 @@ impl Worker {
     fn provider(&mut self, node: &NodeInfo) -> Result<&mut Client> {
         if self.provider.is_none() {
             let loc = node.provider_location.clone().ok_or_else(|| {
-                Error::Other("this node has no provider location; recreate it with --provider".into())
+                Error::Other(
+                    "this node has no provider location; recreate it with --provider".into(),
+                )
             })?;
-            let mut c = db::connect(&db::with_extra(&loc, &self.cfg.remote_extra_connstr), "londiste-rs worker")?;
-            c.batch_execute("LISTEN pgq_tick").ctx(|| "cannot LISTEN on the provider".into())?;
+            let mut c = db::connect(
+                &db::with_extra(&loc, &self.cfg.remote_extra_connstr),
+                "londiste-rs worker",
+            )?;
+            c.batch_execute("LISTEN pgq_tick")
+                .ctx(|| "cannot LISTEN on the provider".into())?;
             self.provider = Some(c);
         }
         Ok(self.provider.as_mut().unwrap())
@@ -238,7 +261,8 @@ impl Worker {
                     if let Some(c) = self.sleep(ctl, backoff)? {
                         return c;
                     }
-                    backoff = (backoff * 2).min(self.cfg.exception_sleep.max(Duration::from_secs(1)));
+                    backoff =
+                        (backoff * 2).min(self.cfg.exception_sleep.max(Duration::from_secs(1)));
                 }
             }
         }
@@ -291,7 +315,11 @@ impl Worker {
 
     /// Idle: wait up to loop_delay for a tick (NOTIFY from the provider, or a
     /// message from an in-process ticker) or a control message.
-    fn wait(&mut self, ctl: &Receiver<Control>, ticks: Option<&Receiver<()>>) -> Result<Option<Result<()>>> {
+    fn wait(
+        &mut self,
+        ctl: &Receiver<Control>,
+        ticks: Option<&Receiver<()>>,
+    ) -> Result<Option<Result<()>>> {
         let deadline = Instant::now() + Duration::from_secs_f64(self.cfg.loop_delay);
         let queue = self.cfg.queue_name.clone();
         loop {
@@ -335,7 +363,10 @@ impl Worker {
         let queue = self.cfg.queue_name.clone();
         let node = node::require(self.local()?, &queue, "londiste-rs CONFIG")?;
         self.local()?
-            .execute("UPDATE londiste.node_info SET worker_seen = now() WHERE queue_name = $1", &[&queue])
+            .execute(
+                "UPDATE londiste.node_info SET worker_seen = now() WHERE queue_name = $1",
+                &[&queue],
+            )
             .ctx(|| "cannot update node_info".into())?;
         if node.is_root() {
             let buf = self.cfg.seq_buffer;
@@ -357,8 +388,12 @@ impl Worker {
         // Is it already applied? (crash after the subscriber commit, before finish)
         match node.last_tick_id {
             Some(t) if t == batch.cur_tick => {
-                log::info!("batch {} (tick {}) was already applied; finishing it", batch.id, batch.cur_tick);
-                self.finish(&queue, &node, &batch)?;
+                log::info!(
+                    "batch {} (tick {}) was already applied; finishing it",
+                    batch.id,
+                    batch.cur_tick
+                );
+                self.finish(&node, &batch)?;
                 return Ok(true);
             }
             Some(t) if t == batch.prev_tick => {}
@@ -372,9 +407,14 @@ impl Worker {
         }
         let started = Instant::now();
         self.apply_batch(&node, &batch, ctl)?;
-        self.finish(&queue, &node, &batch)?;
+        self.finish(&node, &batch)?;
         self.batches += 1;
-        log::debug!("batch {} (tick {}) applied in {:?}", batch.id, batch.cur_tick, started.elapsed());
+        log::debug!(
+            "batch {} (tick {}) applied in {:?}",
+            batch.id,
+            batch.cur_tick,
+            started.elapsed()
+        );
         self.maybe_stats();
         Ok(true)
     }
@@ -398,31 +438,43 @@ impl Worker {
         }
     }
 
-    fn finish(&mut self, queue: &str, node: &NodeInfo, batch: &Batch) -> Result<()> {
+    fn finish(&mut self, node: &NodeInfo, batch: &Batch) -> Result<()> {
         let p = self.provider(node)?;
         p.query_one("SELECT pgq.finish_batch($1)", &[&batch.id])
             .ctx(|| format!("cannot finish batch {} on the provider", batch.id))?;
         let lag: f64 = p
-            .query_one("SELECT extract(epoch FROM now() - $1::text::timestamptz)::float8", &[&batch.cur_time])
+            .query_one(
+                "SELECT extract(epoch FROM now() - $1::text::timestamptz)::float8",
+                &[&batch.cur_time],
+            )
             .map(|r| r.get(0))
             .unwrap_or(0.0);
         self.last_lag = lag;
-        let _ = queue;
         Ok(())
     }
 
-    fn apply_batch(&mut self, node: &NodeInfo, batch: &Batch, ctl: &Receiver<Control>) -> Result<()> {
+    fn apply_batch(
+        &mut self,
+        node: &NodeInfo,
+        batch: &Batch,
+        ctl: &Receiver<Control>,
+    ) -> Result<()> {
         let queue = node.queue_name.clone();
         let is_branch = node.is_branch();
         let cur_snap = tick_snapshot(self.provider(node)?, &queue, batch.cur_tick)?;
         let mut provider = self.provider.take().unwrap();
         let mut local = self.local.take().unwrap();
         let res = (|| -> Result<()> {
-            let mut tx = local.transaction().ctx(|| "cannot begin the apply transaction".into())?;
+            let mut tx = local
+                .transaction()
+                .ctx(|| "cannot begin the apply transaction".into())?;
             // Lock our position first: the copy threads' hand-over takes the same
             // lock, so the table states read below cannot change under this batch.
             let pos: Option<i64> = tx
-                .query_one("SELECT last_tick_id FROM londiste.node_info WHERE queue_name = $1 FOR UPDATE", &[&queue])
+                .query_one(
+                    "SELECT last_tick_id FROM londiste.node_info WHERE queue_name = $1 FOR UPDATE",
+                    &[&queue],
+                )
                 .ctx(|| "cannot lock node_info".into())?
                 .get(0);
             if pos != Some(batch.prev_tick) {
@@ -442,7 +494,10 @@ impl Worker {
                     };
                     routes.insert(
                         t.table_name.clone(),
-                        TableRoute { dest: local_name(&t.table_name, t.dest_table.as_deref())?, skip_snapshot: skip },
+                        TableRoute {
+                            dest: local_name(&t.table_name, t.dest_table.as_deref())?,
+                            skip_snapshot: skip,
+                        },
                     );
                 }
             }
@@ -514,7 +569,11 @@ impl Worker {
         if let Err(e) = &res {
             if matches!(e, Error::Db(_) | Error::Other(_)) && !self.applier.single {
                 // Run the batch again one event per statement, to name the event.
-                log::warn!("batch {} failed ({}); retrying event by event to find the event", batch.id, e);
+                log::warn!(
+                    "batch {} failed ({}); retrying event by event to find the event",
+                    batch.id,
+                    e
+                );
                 self.applier.single = true;
                 self.applier.reset();
                 let again = self.apply_batch(node, batch, ctl);
@@ -527,25 +586,38 @@ impl Worker {
 
     /// Starts copy threads for tables waiting for a copy, at most parallel_copies.
     fn manage_copies(&mut self, node: &NodeInfo) -> Result<()> {
-        let finished: Vec<String> = self.copies.iter().filter(|(_, c)| c.handle.is_finished()).map(|(k, _)| k.clone()).collect();
+        let finished: Vec<String> = self
+            .copies
+            .iter()
+            .filter(|(_, c)| c.handle.is_finished())
+            .map(|(k, _)| k.clone())
+            .collect();
         for t in finished {
             let c = self.copies.remove(&t).unwrap();
             if let Ok(Err(e)) = c.handle.join() {
                 if !matches!(e, Error::Stopped) {
-                    self.copy_retry_at.insert(t.clone(), Instant::now() + Duration::from_secs(5));
+                    self.copy_retry_at
+                        .insert(t.clone(), Instant::now() + Duration::from_secs(5));
                 }
             }
         }
         let queue = node.queue_name.clone();
         let states = node::tables(self.local()?, &queue)?;
         for t in states {
-            if !t.local || t.merge_state.as_deref() == Some("ok") || self.copies.contains_key(&t.table_name) {
+            if !t.local
+                || t.merge_state.as_deref() == Some("ok")
+                || self.copies.contains_key(&t.table_name)
+            {
                 continue;
             }
             if self.copies.len() >= self.cfg.parallel_copies {
                 break;
             }
-            if self.copy_retry_at.get(&t.table_name).is_some_and(|at| Instant::now() < *at) {
+            if self
+                .copy_retry_at
+                .get(&t.table_name)
+                .is_some_and(|at| Instant::now() < *at)
+            {
                 continue;
             }
             let stop = Arc::new(AtomicBool::new(false));
@@ -555,7 +627,8 @@ impl Worker {
             let name = format!("{}.copy", self.cfg.common.job_name);
             log::info!("starting copy of {table}");
             let handle = crate::thread::spawn(&name, move || copy::run(&cfg, &table, &st));
-            self.copies.insert(t.table_name.clone(), CopyHandle { handle, stop });
+            self.copies
+                .insert(t.table_name.clone(), CopyHandle { handle, stop });
         }
         Ok(())
     }
@@ -598,23 +671,39 @@ fn copy_events(tx: &mut Transaction, table: &str, events: &[Event]) -> Result<()
         "INSERT INTO {table} (ev_id, ev_time, ev_retry, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4)
          SELECT * FROM unnest($1::bigint[], $2::text[]::timestamptz[], $3::int4[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[])"
     );
-    tx.execute(&sql, &[&ids, &times, &retries, &types, &data, &e1, &e2, &e3, &e4])
-        .ctx(|| "cannot copy events into the local queue".into())?;
+    tx.execute(
+        &sql,
+        &[&ids, &times, &retries, &types, &data, &e1, &e2, &e3, &e4],
+    )
+    .ctx(|| "cannot copy events into the local queue".into())?;
     Ok(())
 }
 
 /// Events that are not row changes: sequence updates; the rest pass through.
-fn handle_special(tx: &mut Transaction, queue: &str, ev: &Event, done: &mut Vec<String>) -> Result<()> {
+fn handle_special(
+    tx: &mut Transaction,
+    queue: &str,
+    ev: &Event,
+    done: &mut Vec<String>,
+) -> Result<()> {
     if ev.ev_type == "londiste.update-seq" {
-        let (Some(seq), Some(val)) = (ev.extra1.as_deref(), ev.data.as_deref()) else { return Ok(()) };
+        let (Some(seq), Some(val)) = (ev.extra1.as_deref(), ev.data.as_deref()) else {
+            return Ok(());
+        };
         let val: i64 = val.parse().unwrap_or(0);
         let local: Option<bool> = tx
-            .query_opt("SELECT local FROM londiste.seq_info WHERE queue_name = $1 AND seq_name = $2", &[&queue, &seq])
+            .query_opt(
+                "SELECT local FROM londiste.seq_info WHERE queue_name = $1 AND seq_name = $2",
+                &[&queue, &seq],
+            )
             .ctx(|| "cannot read seq_info".into())?
             .map(|r| r.get(0));
         if local == Some(true) {
-            tx.query_one("SELECT londiste.seq_push($1::text::regclass, $2)", &[&seq, &val])
-                .ctx(|| format!("[ev_id={}] cannot move sequence {} to {}", ev.id, seq, val))?;
+            tx.query_one(
+                "SELECT londiste.seq_push($1::text::regclass, $2)",
+                &[&seq, &val],
+            )
+            .ctx(|| format!("[ev_id={}] cannot move sequence {} to {}", ev.id, seq, val))?;
             tx.execute(
                 "UPDATE londiste.seq_info SET last_value = $3 WHERE queue_name = $1 AND seq_name = $2",
                 &[&queue, &seq, &val],
@@ -623,7 +712,11 @@ fn handle_special(tx: &mut Transaction, queue: &str, ev: &Event, done: &mut Vec<
             done.push(seq.to_string());
         }
     } else {
-        log::debug!("[ev_id={}] passing over event of type {}", ev.id, ev.ev_type);
+        log::debug!(
+            "[ev_id={}] passing over event of type {}",
+            ev.id,
+            ev.ev_type
+        );
     }
     Ok(())
 }
