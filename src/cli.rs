@@ -24,8 +24,20 @@ struct Raw {
 
 /// Long options that take a value (`--opt=V` or `--opt V`).
 const VALUED: &[&str] = &[
-    "--set", "--provider", "--dest-table", "--copy-node", "--trigger-arg", "--trigger-flags", "--handler",
-    "--handler-arg", "--key", "--ini-file", "--target", "--merge", "--dead", "--max-parallel-copy",
+    "--set",
+    "--provider",
+    "--dest-table",
+    "--copy-node",
+    "--trigger-arg",
+    "--trigger-flags",
+    "--handler",
+    "--handler-arg",
+    "--key",
+    "--ini-file",
+    "--target",
+    "--merge",
+    "--dead",
+    "--max-parallel-copy",
 ];
 
 fn parse_raw(args: &[String]) -> Result<Raw> {
@@ -42,7 +54,9 @@ fn parse_raw(args: &[String]) -> Result<Raw> {
                 None => (a.clone(), None),
             };
             if VALUED.contains(&name.as_str()) && val.is_none() {
-                let v = it.next().ok_or_else(|| Error::Usage(format!("{name} needs a value")))?;
+                let v = it
+                    .next()
+                    .ok_or_else(|| Error::Usage(format!("{name} needs a value")))?;
                 raw.flags.push((name, Some(v.clone())));
             } else {
                 raw.flags.push((name, val));
@@ -89,7 +103,9 @@ fn take_common(raw: &mut Raw) -> Result<Common> {
             "-h" | "--help" => c.help = true,
             "--set" => {
                 let v = v.unwrap_or_default();
-                let (k, val) = v.split_once('=').ok_or_else(|| Error::Usage(format!("--set wants KEY=VALUE, got {v:?}")))?;
+                let (k, val) = v
+                    .split_once('=')
+                    .ok_or_else(|| Error::Usage(format!("--set wants KEY=VALUE, got {v:?}")))?;
                 c.sets.push((k.trim().to_string(), val.trim().to_string()));
             }
             _ => rest.push((f, v)),
@@ -114,12 +130,28 @@ fn verbosity(c: &Common) -> Verbosity {
 /// Entry point: returns the process exit code.
 pub fn main() -> i32 {
     let args: Vec<String> = std::env::args().collect();
-    let argv0 = args.first().map(|a| Path::new(a).file_name().unwrap_or_default().to_string_lossy().into_owned()).unwrap_or_default();
+    let argv0 = args
+        .first()
+        .map(|a| {
+            Path::new(a)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
     let rest = &args[1.min(args.len())..];
     let (name, res) = if argv0.starts_with("pgqd") {
         ("pgqd", run_pgqd(rest))
     } else if argv0.starts_with("londiste") && argv0 != "londiste-rs" {
-        (if argv0.starts_with("londiste3") { "londiste3" } else { "londiste" }, run_londiste(rest))
+        (
+            if argv0.starts_with("londiste3") {
+                "londiste3"
+            } else {
+                "londiste"
+            },
+            run_londiste(rest),
+        )
     } else {
         match rest.first().map(String::as_str) {
             Some("ticker") | Some("pgqd") => ("londiste-rs", run_pgqd(&rest[1..])),
@@ -137,7 +169,8 @@ pub fn main() -> i32 {
     }
 }
 
-const PGQD_USAGE: &str = "usage: pgqd [-qvd] CONFIG.ini | pgqd -s|-k|-r CONFIG.ini | pgqd --ini | pgqd -V
+const PGQD_USAGE: &str =
+    "usage: pgqd [-qvd] CONFIG.ini | pgqd -s|-k|-r CONFIG.ini | pgqd --ini | pgqd -V
   -d  run in the background (needs pidfile)   -s  stop (SIGINT)   -k  kill (SIGTERM)
   -r  reload config (SIGHUP)   -q  quiet   -v  verbose   --ini  print a sample config";
 
@@ -233,7 +266,9 @@ fn run_londiste(args: &[String]) -> Result<()> {
         return Ok(());
     }
     if raw.words.is_empty() {
-        return Err(Error::Usage("need config file, use --help for help.".into()));
+        return Err(Error::Usage(
+            "need config file, use --help for help.".into(),
+        ));
     }
     let file = PathBuf::from(&raw.words[0]);
     let cmd = raw.words.get(1).cloned();
@@ -253,16 +288,22 @@ fn run_londiste(args: &[String]) -> Result<()> {
         return Ok(());
     }
     let Some(cmd) = cmd else {
-        return Err(Error::Usage(format!("need a command after the config file\n{LONDISTE_USAGE}")));
+        return Err(Error::Usage(format!(
+            "need a command after the config file\n{LONDISTE_USAGE}"
+        )));
     };
     let opts = take_opts(&mut raw)?;
     if let Some((f, _)) = raw.flags.first() {
-        return Err(Error::Usage(format!("unknown option {f} for {cmd}; see --help")));
+        return Err(Error::Usage(format!(
+            "unknown option {f} for {cmd}; see --help"
+        )));
     }
     let name1 = args.first().map(String::as_str);
     let name2 = args.get(1).map(String::as_str);
     match cmd.as_str() {
-        "worker" | "replay" => supervisor::run(supervisor::Jobs::Worker(Box::new(load)), c.daemon, c.quiet),
+        "worker" | "replay" => {
+            supervisor::run(supervisor::Jobs::Worker(Box::new(load)), c.daemon, c.quiet)
+        }
         "create-root" => admin::create_root(&cfg, name1, name2),
         "create-branch" => admin::create_subscriber(&cfg, "branch", name1, name2, &opts),
         "create-leaf" => admin::create_subscriber(&cfg, "leaf", name1, name2, &opts),
@@ -289,7 +330,9 @@ fn run_londiste(args: &[String]) -> Result<()> {
             log::info!("Done");
             Ok(())
         }
-        other => Err(Error::Usage(format!("unknown command {other:?}; see --help for the list"))),
+        other => Err(Error::Usage(format!(
+            "unknown command {other:?}; see --help for the list"
+        ))),
     }
 }
 
@@ -311,7 +354,12 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
             "--names-only" => o.names_only = true,
             "--count-only" => o.count_only = true,
             "--key" => {
-                let keys: Vec<String> = v.unwrap_or_default().split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+                let keys: Vec<String> = v
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
                 if keys.is_empty() {
                     return Err(Error::Usage("--key wants COL[,COL...]".into()));
                 }
@@ -319,7 +367,8 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
             }
             // Accepted for compatibility with Skytools command lines; the copy
             // source is always found automatically.
-            "--find-copy-node" | "--merge-all" | "--no-merge" | "--force" | "--compact" | "--nocheck" => {}
+            "--find-copy-node" | "--merge-all" | "--no-merge" | "--force" | "--compact"
+            | "--nocheck" => {}
             _ => rest.push((f, v)),
         }
     }

@@ -19,24 +19,36 @@ pub struct Section {
 /// Default keys every section can interpolate, as in Skytools.
 fn builtin_defaults(file: &Path, section: &str) -> BTreeMap<String, String> {
     let mut d = BTreeMap::new();
-    let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     d.insert("job_name".into(), stem.clone());
     d.insert("config_name".into(), stem);
     d.insert("service_name".into(), section.to_string());
     let dir = file.parent().map(|p| p.to_path_buf()).unwrap_or_default();
-    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    let dir = if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir
+    };
     d.insert("config_dir".into(), dir.to_string_lossy().into_owned());
-    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
     d.insert("host_name".into(), host);
     d
 }
 
 /// Reads `file` and returns the first of `sections` it has, interpolated, with
 /// `overrides` (from `--set KEY=VAL`) applied.
-pub fn load_section(file: &Path, sections: &[&str], overrides: &[(String, String)]) -> Result<Section> {
-    let text = std::fs::read_to_string(file).map_err(|e| {
-        Error::Config(format!("cannot read config file {}: {}", file.display(), e))
-    })?;
+pub fn load_section(
+    file: &Path,
+    sections: &[&str],
+    overrides: &[(String, String)],
+) -> Result<Section> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| Error::Config(format!("cannot read config file {}: {}", file.display(), e)))?;
     let mut ini = configparser::ini::Ini::new();
     let map = ini
         .read(text)
@@ -63,12 +75,26 @@ pub fn load_section(file: &Path, sections: &[&str], overrides: &[(String, String
     for (k, v) in &values {
         out.insert(k.clone(), interpolate(file, k, v, &values, 0)?);
     }
-    Ok(Section { file: file.to_path_buf(), name: name.to_string(), values: out })
+    Ok(Section {
+        file: file.to_path_buf(),
+        name: name.to_string(),
+        values: out,
+    })
 }
 
-fn interpolate(file: &Path, key: &str, v: &str, all: &BTreeMap<String, String>, depth: u32) -> Result<String> {
+fn interpolate(
+    file: &Path,
+    key: &str,
+    v: &str,
+    all: &BTreeMap<String, String>,
+    depth: u32,
+) -> Result<String> {
     if depth > 10 {
-        return Err(Error::Config(format!("{}: key {}: interpolation loop", file.display(), key)));
+        return Err(Error::Config(format!(
+            "{}: key {}: interpolation loop",
+            file.display(),
+            key
+        )));
     }
     let mut out = String::new();
     let mut rest = v;
@@ -76,7 +102,12 @@ fn interpolate(file: &Path, key: &str, v: &str, all: &BTreeMap<String, String>, 
         out.push_str(&rest[..pos]);
         let after = &rest[pos + 2..];
         let Some(end) = after.find(")s") else {
-            return Err(Error::Config(format!("{}: key {}: bad interpolation in {:?}", file.display(), key, v)));
+            return Err(Error::Config(format!(
+                "{}: key {}: bad interpolation in {:?}",
+                file.display(),
+                key,
+                v
+            )));
         };
         let name = after[..end].to_lowercase();
         let Some(val) = all.get(&name) else {
@@ -98,22 +129,33 @@ fn interpolate(file: &Path, key: &str, v: &str, all: &BTreeMap<String, String>, 
 /// Typed access with errors that name the file and the key.
 impl Section {
     fn err(&self, key: &str, msg: impl std::fmt::Display) -> Error {
-        Error::Config(format!("{}: [{}] key {}: {}", self.file.display(), self.name, key, msg))
+        Error::Config(format!(
+            "{}: [{}] key {}: {}",
+            self.file.display(),
+            self.name,
+            key,
+            msg
+        ))
     }
 
     pub fn str_opt(&self, key: &str) -> Option<String> {
-        self.values.get(key).map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+        self.values
+            .get(key)
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
     }
 
     pub fn required(&self, key: &str) -> Result<String> {
-        self.str_opt(key).ok_or_else(|| self.err(key, "missing; it is required"))
+        self.str_opt(key)
+            .ok_or_else(|| self.err(key, "missing; it is required"))
     }
 
     pub fn seconds(&self, key: &str, default: f64) -> Result<Duration> {
         match self.str_opt(key) {
             None => Ok(Duration::from_secs_f64(default)),
             Some(v) => {
-                let n = parse_seconds(&v).ok_or_else(|| self.err(key, format!("{v:?} is not a number of seconds")))?;
+                let n = parse_seconds(&v)
+                    .ok_or_else(|| self.err(key, format!("{v:?} is not a number of seconds")))?;
                 Ok(Duration::from_secs_f64(n))
             }
         }
@@ -123,7 +165,9 @@ impl Section {
     pub fn seconds_signed(&self, key: &str, default: f64) -> Result<f64> {
         match self.str_opt(key) {
             None => Ok(default),
-            Some(v) => v.parse::<f64>().map_err(|_| self.err(key, format!("{v:?} is not a number of seconds"))),
+            Some(v) => v
+                .parse::<f64>()
+                .map_err(|_| self.err(key, format!("{v:?} is not a number of seconds"))),
         }
     }
 
@@ -131,7 +175,9 @@ impl Section {
         match self.str_opt(key) {
             None => Ok(default),
             Some(v) => {
-                let n: i64 = v.parse().map_err(|_| self.err(key, format!("{v:?} is not a whole number")))?;
+                let n: i64 = v
+                    .parse()
+                    .map_err(|_| self.err(key, format!("{v:?} is not a whole number")))?;
                 if n < min {
                     return Err(self.err(key, format!("{n} is too small (at least {min})")));
                 }
@@ -153,7 +199,12 @@ impl Section {
 
     pub fn list(&self, key: &str) -> Vec<String> {
         self.str_opt(key)
-            .map(|v| v.split([',', ' ', '\t', '\n']).filter(|s| !s.is_empty()).map(String::from).collect())
+            .map(|v| {
+                v.split([',', ' ', '\t', '\n'])
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -162,20 +213,38 @@ impl Section {
     pub fn path(&self, key: &str) -> Option<PathBuf> {
         self.str_opt(key).map(|v| {
             let p = if let Some(rest) = v.strip_prefix("~/") {
-                std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(rest)
+                std::env::var_os("HOME")
+                    .map(PathBuf::from)
+                    .unwrap_or_default()
+                    .join(rest)
             } else {
                 PathBuf::from(v)
             };
-            if p.is_absolute() { p } else { std::env::current_dir().unwrap_or_default().join(p) }
+            if p.is_absolute() {
+                p
+            } else {
+                std::env::current_dir().unwrap_or_default().join(p)
+            }
         })
     }
 
     /// Warns about keys that no mode knows: usually a typo.
     pub fn warn_unknown(&self, known: &[&str]) {
-        const BUILTIN: &[&str] = &["job_name", "config_name", "service_name", "config_dir", "host_name"];
+        const BUILTIN: &[&str] = &[
+            "job_name",
+            "config_name",
+            "service_name",
+            "config_dir",
+            "host_name",
+        ];
         for k in self.values.keys() {
             if !known.contains(&k.as_str()) && !BUILTIN.contains(&k.as_str()) {
-                log::warn!("{}: [{}] unknown key {} ignored (typo?)", self.file.display(), self.name, k);
+                log::warn!(
+                    "{}: [{}] unknown key {} ignored (typo?)",
+                    self.file.display(),
+                    self.name,
+                    k
+                );
             }
         }
     }
@@ -219,16 +288,31 @@ impl Common {
             logfile: s.path("logfile"),
             pidfile: s.path("pidfile"),
             syslog: s.boolean("syslog", syslog_default)?,
-            syslog_ident: s.str_opt("syslog_ident").unwrap_or_else(|| ident_default.to_string()),
-            syslog_facility: s.str_opt("syslog_facility").unwrap_or_else(|| "daemon".into()),
+            syslog_ident: s
+                .str_opt("syslog_ident")
+                .unwrap_or_else(|| ident_default.to_string()),
+            syslog_facility: s
+                .str_opt("syslog_facility")
+                .unwrap_or_else(|| "daemon".into()),
         })
     }
 }
 
 pub const TICKER_KEYS: &[&str] = &[
-    "base_connstr", "initial_database", "database_list", "logfile", "pidfile", "syslog",
-    "syslog_ident", "syslog_facility", "ticker_period", "check_period", "retry_period",
-    "maint_period", "stats_period", "connection_lifetime",
+    "base_connstr",
+    "initial_database",
+    "database_list",
+    "logfile",
+    "pidfile",
+    "syslog",
+    "syslog_ident",
+    "syslog_facility",
+    "ticker_period",
+    "check_period",
+    "retry_period",
+    "maint_period",
+    "stats_period",
+    "connection_lifetime",
 ];
 
 /// The ticker (`pgqd` mode).
@@ -252,7 +336,9 @@ impl TickerConfig {
         let c = TickerConfig {
             common: Common::from(s, false, "pgqd")?,
             base_connstr: s.str_opt("base_connstr").unwrap_or_default(),
-            initial_database: s.str_opt("initial_database").unwrap_or_else(|| "template1".into()),
+            initial_database: s
+                .str_opt("initial_database")
+                .unwrap_or_else(|| "template1".into()),
             database_list: s.list("database_list"),
             // pgqd ticks once a second; 50 ms keeps commit-to-replica latency low
             // for the price of a cheap query 20 times a second per database.
@@ -267,18 +353,40 @@ impl TickerConfig {
             return Err(s.err("ticker_period", "must be more than 0"));
         }
         if c.base_connstr.contains("dbname=") {
-            return Err(s.err("base_connstr", "must not contain dbname= (the ticker adds it per database)"));
+            return Err(s.err(
+                "base_connstr",
+                "must not contain dbname= (the ticker adds it per database)",
+            ));
         }
         Ok(c)
     }
 }
 
 pub const WORKER_KEYS: &[&str] = &[
-    "db", "queue_name", "pgq_queue_name", "loop_delay", "logfile", "pidfile", "parallel_copies",
-    "node_name", "public_node_location", "initial_provider_location", "consumer_name",
-    "pgq_consumer_id", "remote_extra_connstr", "lock_timeout", "exception_sleep", "syslog",
-    "syslog_ident", "syslog_facility", "batch_max_events", "connection_lifetime", "use_skylog",
-    "seq_buffer", "keepalive_stats", "stats_period",
+    "db",
+    "queue_name",
+    "pgq_queue_name",
+    "loop_delay",
+    "logfile",
+    "pidfile",
+    "parallel_copies",
+    "node_name",
+    "public_node_location",
+    "initial_provider_location",
+    "consumer_name",
+    "pgq_consumer_id",
+    "remote_extra_connstr",
+    "lock_timeout",
+    "exception_sleep",
+    "syslog",
+    "syslog_ident",
+    "syslog_facility",
+    "batch_max_events",
+    "connection_lifetime",
+    "use_skylog",
+    "seq_buffer",
+    "keepalive_stats",
+    "stats_period",
 ];
 
 /// The replication worker and admin commands (`londiste3` mode).
@@ -308,7 +416,12 @@ impl WorkerConfig {
         let queue_name = s
             .str_opt("queue_name")
             .or_else(|| s.str_opt("pgq_queue_name"))
-            .ok_or_else(|| s.err("queue_name", "missing; it is required (the queue/set name, same on every node)"))?;
+            .ok_or_else(|| {
+                s.err(
+                    "queue_name",
+                    "missing; it is required (the queue/set name, same on every node)",
+                )
+            })?;
         let consumer_name = s
             .str_opt("consumer_name")
             .or_else(|| s.str_opt("pgq_consumer_id"))
@@ -352,11 +465,20 @@ mod tests {
         assert_eq!(c.common.job_name, "slave");
         assert!(c.common.logfile.unwrap().ends_with("log/slave.log"));
         assert_eq!(c.loop_delay, 0.5);
-        std::fs::write(&f, "[londiste3]\ndb = x\nqueue_name = q\nloop_delay = abc\n").unwrap();
+        std::fs::write(
+            &f,
+            "[londiste3]\ndb = x\nqueue_name = q\nloop_delay = abc\n",
+        )
+        .unwrap();
         let s = load_section(&f, &["londiste3"], &[]).unwrap();
         let e = WorkerConfig::from_section(&s).unwrap_err().to_string();
         assert!(e.contains("loop_delay") && e.contains("slave.ini"), "{e}");
-        assert!(load_section(&f, &["pgqd"], &[]).unwrap_err().to_string().contains("[pgqd]"));
+        assert!(
+            load_section(&f, &["pgqd"], &[])
+                .unwrap_err()
+                .to_string()
+                .contains("[pgqd]")
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -35,10 +35,17 @@ pub fn copy_consumer(worker: &str, table: &str) -> String {
 }
 
 /// Finds a node that has `table` in sync: the provider or one above it.
-pub fn find_copy_source(cfg: &WorkerConfig, provider_location: &str, table: &str) -> Result<String> {
+pub fn find_copy_source(
+    cfg: &WorkerConfig,
+    provider_location: &str,
+    table: &str,
+) -> Result<String> {
     let mut loc = provider_location.to_string();
     for _ in 0..32 {
-        let mut c = db::connect(&db::with_extra(&loc, &cfg.remote_extra_connstr), "londiste-rs copy")?;
+        let mut c = db::connect(
+            &db::with_extra(&loc, &cfg.remote_extra_connstr),
+            "londiste-rs copy",
+        )?;
         let ok = c
             .query_opt(
                 "SELECT 1 FROM londiste.table_info WHERE queue_name = $1 AND table_name = $2 AND local AND merge_state = 'ok'",
@@ -61,7 +68,11 @@ pub fn find_copy_source(cfg: &WorkerConfig, provider_location: &str, table: &str
 }
 
 fn stop_err(stop: &AtomicBool) -> Result<()> {
-    if stop.load(Ordering::Relaxed) { Err(Error::Stopped) } else { Ok(()) }
+    if stop.load(Ordering::Relaxed) {
+        Err(Error::Stopped)
+    } else {
+        Ok(())
+    }
 }
 
 /// Runs the copy of one table to the end (state ok), or until stopped.
@@ -81,10 +92,22 @@ pub fn run(cfg: &WorkerConfig, table: &str, stop: &AtomicBool) -> Result<()> {
         .ok_or_else(|| Error::Other(format!("table {table} was removed during its copy")))?;
     let dest = local_name(table, state.dest_table.as_deref())?;
     let src_loc = find_copy_source(cfg, &provider_loc, table)?;
-    let mut src = db::connect(&db::with_extra(&src_loc, &cfg.remote_extra_connstr), "londiste-rs copy")?;
+    let mut src = db::connect(
+        &db::with_extra(&src_loc, &cfg.remote_extra_connstr),
+        "londiste-rs copy",
+    )?;
 
     if state.merge_state.as_deref() != Some("catching-up") {
-        full_copy(cfg, &mut local, &mut src, table, &dest, &consumer, state.skip_truncate, stop)?;
+        full_copy(
+            cfg,
+            &mut local,
+            &mut src,
+            table,
+            &dest,
+            &consumer,
+            state.skip_truncate,
+            stop,
+        )?;
     }
     catch_up(&mut local, &mut src, &queue, table, &dest, &consumer, stop)
 }
@@ -109,8 +132,11 @@ fn full_copy(
         )
         .ctx(|| "cannot read the latest tick on the copy source".into())?
         .get(0);
-    src.query_one("SELECT pgq.register_consumer_at($1, $2, $3)", &[queue, &consumer, &tick])
-        .ctx(|| format!("cannot register copy consumer {consumer}"))?;
+    src.query_one(
+        "SELECT pgq.register_consumer_at($1, $2, $3)",
+        &[queue, &consumer, &tick],
+    )
+    .ctx(|| format!("cannot register copy consumer {consumer}"))?;
     local
         .execute(
             "UPDATE londiste.table_info SET merge_state = 'in-copy', copy_started = now(), copy_finished = NULL,
@@ -133,15 +159,26 @@ fn full_copy(
         .get(0);
     let src_cols = columns(&mut stx, &src_table)?;
     let estimate: i64 = stx
-        .query_one("SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass", &[&src_table])
+        .query_one(
+            "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass",
+            &[&src_table],
+        )
         .map(|r| r.get(0))
         .unwrap_or(0);
 
-    let mut ltx = local.transaction().ctx(|| "cannot begin the local copy transaction".into())?;
+    let mut ltx = local
+        .transaction()
+        .ctx(|| "cannot begin the local copy transaction".into())?;
     let dst_cols = columns(&mut ltx, dest).map_err(|_| {
-        Error::Other(format!("table {dest} does not exist on this node; create it, or re-add with --create"))
+        Error::Other(format!(
+            "table {dest} does not exist on this node; create it, or re-add with --create"
+        ))
     })?;
-    let common: Vec<String> = src_cols.iter().filter(|c| dst_cols.contains(c)).cloned().collect();
+    let common: Vec<String> = src_cols
+        .iter()
+        .filter(|c| dst_cols.contains(c))
+        .cloned()
+        .collect();
     for c in &src_cols {
         if !dst_cols.contains(c) {
             return Err(Error::Other(format!(
@@ -150,7 +187,8 @@ fn full_copy(
         }
     }
     if !skip_truncate {
-        ltx.batch_execute(&format!("TRUNCATE ONLY {dest} CASCADE")).ctx(|| format!("cannot truncate {dest}"))?;
+        ltx.batch_execute(&format!("TRUNCATE ONLY {dest} CASCADE"))
+            .ctx(|| format!("cannot truncate {dest}"))?;
     }
     let collist: Vec<String> = common.iter().map(|c| ident(c)).collect();
     let collist = collist.join(", ");
@@ -159,7 +197,9 @@ fn full_copy(
     let bytes = Arc::new(AtomicU64::new(0));
     {
         let mut reader = stx
-            .copy_out(&format!("COPY (SELECT {collist} FROM ONLY {src_table}) TO STDOUT"))
+            .copy_out(&format!(
+                "COPY (SELECT {collist} FROM ONLY {src_table}) TO STDOUT"
+            ))
             .ctx(|| format!("cannot COPY {table} out of the source"))?;
         let mut writer = ltx
             .copy_in(&format!("COPY {dest} ({collist}) FROM STDIN"))
@@ -169,16 +209,26 @@ fn full_copy(
         let mut progress = db::connect(&cfg.db, "londiste-rs copy progress").ok();
         loop {
             stop_err(stop)?;
-            let n = reader.read(&mut buf).ctx(|| format!("reading {table} from the source"))?;
+            let n = reader
+                .read(&mut buf)
+                .ctx(|| format!("reading {table} from the source"))?;
             if n == 0 {
                 break;
             }
-            writer.write_all(&buf[..n]).ctx(|| format!("writing {dest}"))?;
-            rows.fetch_add(buf[..n].iter().filter(|b| **b == b'\n').count() as u64, Ordering::Relaxed);
+            writer
+                .write_all(&buf[..n])
+                .ctx(|| format!("writing {dest}"))?;
+            rows.fetch_add(
+                buf[..n].iter().filter(|b| **b == b'\n').count() as u64,
+                Ordering::Relaxed,
+            );
             bytes.fetch_add(n as u64, Ordering::Relaxed);
             if last_report.elapsed() > Duration::from_secs(2) {
                 last_report = Instant::now();
-                let (r, b) = (rows.load(Ordering::Relaxed) as i64, bytes.load(Ordering::Relaxed) as i64);
+                let (r, b) = (
+                    rows.load(Ordering::Relaxed) as i64,
+                    bytes.load(Ordering::Relaxed) as i64,
+                );
                 if let Some(p) = progress.as_mut() {
                     let _ = p.execute(
                         "UPDATE londiste.table_info SET copy_rows = $3, copy_bytes = $4, copy_estimate = $5
@@ -187,13 +237,25 @@ fn full_copy(
                     );
                 }
                 let rate = r as f64 / started.elapsed().as_secs_f64();
-                let eta = if estimate > r && rate > 0.0 { (estimate - r) as f64 / rate } else { 0.0 };
-                log::info!("copy {table}: {r} rows, {} MB, {rate:.0} rows/s, ETA {eta:.0}s", b / 1_000_000);
+                let eta = if estimate > r && rate > 0.0 {
+                    (estimate - r) as f64 / rate
+                } else {
+                    0.0
+                };
+                log::info!(
+                    "copy {table}: {r} rows, {} MB, {rate:.0} rows/s, ETA {eta:.0}s",
+                    b / 1_000_000
+                );
             }
         }
-        writer.finish().ctx(|| format!("cannot finish COPY into {dest}"))?;
+        writer
+            .finish()
+            .ctx(|| format!("cannot finish COPY into {dest}"))?;
     }
-    let (r, b) = (rows.load(Ordering::Relaxed) as i64, bytes.load(Ordering::Relaxed) as i64);
+    let (r, b) = (
+        rows.load(Ordering::Relaxed) as i64,
+        bytes.load(Ordering::Relaxed) as i64,
+    );
     ltx.execute(
         "UPDATE londiste.table_info SET merge_state = 'catching-up', custom_snapshot = $3, copy_tick = $4,
                 copy_rows = $5, copy_bytes = $6, copy_estimate = $7, copy_finished = now()
@@ -201,9 +263,14 @@ fn full_copy(
         &[queue, &table, &snapshot, &tick, &r, &b, &estimate],
     )
     .ctx(|| "cannot record the copy".into())?;
-    ltx.commit().ctx(|| format!("cannot commit the copy of {table}"))?;
+    ltx.commit()
+        .ctx(|| format!("cannot commit the copy of {table}"))?;
     stx.commit().ok();
-    log::info!("copied {table}: {r} rows, {} bytes in {:.1}s", b, started.elapsed().as_secs_f64());
+    log::info!(
+        "copied {table}: {r} rows, {} bytes in {:.1}s",
+        b,
+        started.elapsed().as_secs_f64()
+    );
     let _ = local.batch_execute(&format!("ANALYZE {dest}"));
     // Make the next tick come now: the hand-over waits for ticks on idle queues.
     let _ = src.query_one("SELECT pgq.force_tick($1)", &[queue]);
@@ -237,17 +304,27 @@ fn catch_up(
             .into_iter()
             .find(|t| t.table_name == table)
             .ok_or_else(|| Error::Other(format!("table {table} was removed during its copy")))?;
-        let copy_tick = state.copy_tick.ok_or_else(|| Error::Other(format!("{table}: catching up without copy_tick")))?;
+        let copy_tick = state
+            .copy_tick
+            .ok_or_else(|| Error::Other(format!("{table}: catching up without copy_tick")))?;
         let snapshot = Snapshot::parse(state.custom_snapshot.as_deref().unwrap_or(""))?;
         let main: Option<i64> = local
-            .query_one("SELECT last_tick_id FROM londiste.node_info WHERE queue_name = $1", &[&queue])
+            .query_one(
+                "SELECT last_tick_id FROM londiste.node_info WHERE queue_name = $1",
+                &[&queue],
+            )
             .ctx(|| "cannot read node position".into())?
             .get(0);
         let main = main.unwrap_or(0);
         if copy_tick == main {
-            let mut tx = local.transaction().ctx(|| "cannot begin hand-over".into())?;
+            let mut tx = local
+                .transaction()
+                .ctx(|| "cannot begin hand-over".into())?;
             let pos: Option<i64> = tx
-                .query_one("SELECT last_tick_id FROM londiste.node_info WHERE queue_name = $1 FOR UPDATE", &[&queue])
+                .query_one(
+                    "SELECT last_tick_id FROM londiste.node_info WHERE queue_name = $1 FOR UPDATE",
+                    &[&queue],
+                )
                 .ctx(|| "cannot lock node_info".into())?
                 .get(0);
             if pos == Some(copy_tick) {
@@ -257,7 +334,10 @@ fn catch_up(
                 )
                 .ctx(|| "cannot hand the table over".into())?;
                 tx.commit().ctx(|| "cannot commit the hand-over".into())?;
-                let _ = src.query_one("SELECT pgq.unregister_consumer($1, $2)", &[&queue, &consumer]);
+                let _ = src.query_one(
+                    "SELECT pgq.unregister_consumer($1, $2)",
+                    &[&queue, &consumer],
+                );
                 log::info!("table {table} is in sync (tick {copy_tick})");
                 return Ok(());
             }
@@ -275,7 +355,8 @@ fn catch_up(
         };
         if batch.prev_tick != copy_tick {
             if batch.cur_tick == copy_tick {
-                src.query_one("SELECT pgq.finish_batch($1)", &[&batch.id]).ctx(|| "cannot finish batch".into())?;
+                src.query_one("SELECT pgq.finish_batch($1)", &[&batch.id])
+                    .ctx(|| "cannot finish batch".into())?;
                 continue;
             }
             return Err(Error::Other(format!(
@@ -287,7 +368,10 @@ fn catch_up(
         let route_snapshot = snapshot.clone();
         let dest_s = dest.to_string();
         let route = move |t: &str| {
-            (t == table).then(|| TableRoute { dest: dest_s.clone(), skip_snapshot: Some(route_snapshot.clone()) })
+            (t == table).then(|| TableRoute {
+                dest: dest_s.clone(),
+                skip_snapshot: Some(route_snapshot.clone()),
+            })
         };
         let never = || stop.load(Ordering::Relaxed);
         for_each_chunk(src, batch.id, &never, &mut |events| {
@@ -300,6 +384,7 @@ fn catch_up(
         )
         .ctx(|| "cannot store copy position".into())?;
         tx.commit().ctx(|| "cannot commit catch-up batch".into())?;
-        src.query_one("SELECT pgq.finish_batch($1)", &[&batch.id]).ctx(|| "cannot finish batch".into())?;
+        src.query_one("SELECT pgq.finish_batch($1)", &[&batch.id])
+            .ctx(|| "cannot finish batch".into())?;
     }
 }

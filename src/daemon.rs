@@ -26,6 +26,28 @@ fn alive(pid: i32) -> bool {
     pid > 0 && kill(Pid::from_raw(pid), None).is_ok()
 }
 
+/// Fails with "already running" if a live process holds the pidfile lock.
+/// Called before daemonizing, so that a refused `-d` start reports it on the
+/// terminal with a non-zero exit instead of failing silently in the child.
+pub fn check_not_running(path: &Path) -> Result<()> {
+    let Ok(f) = File::open(path) else {
+        return Ok(());
+    };
+    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(_) => Ok(()),
+        Err(_) => {
+            let who = read_pid(path)
+                .map(|p| format!(" as pid {p}"))
+                .unwrap_or_default();
+            Err(Error::Other(format!(
+                "already running{} (pidfile {}); stop it first with -s, or use another pidfile",
+                who,
+                path.display()
+            )))
+        }
+    }
+}
+
 impl PidFile {
     /// Takes the pidfile for this process; fails if a live instance holds it.
     pub fn acquire(path: &Path) -> Result<PidFile> {
@@ -59,17 +81,29 @@ impl PidFile {
         if let Some(p) = old {
             if p != std::process::id() as i32 {
                 if alive(p) {
-                    log::warn!("pidfile {} named pid {}, which does not hold it; taking over", path.display(), p);
+                    log::warn!(
+                        "pidfile {} named pid {}, which does not hold it; taking over",
+                        path.display(),
+                        p
+                    );
                 } else {
-                    log::info!("stale pidfile {} (pid {} is gone); taking over", path.display(), p);
+                    log::info!(
+                        "stale pidfile {} (pid {} is gone); taking over",
+                        path.display(),
+                        p
+                    );
                 }
             }
         }
-        lock.set_len(0).map_err(|e| Error::Io(format!("cannot write pidfile {}: {}", path.display(), e)))?;
+        lock.set_len(0)
+            .map_err(|e| Error::Io(format!("cannot write pidfile {}: {}", path.display(), e)))?;
         lock.rewind().ok();
         writeln!(lock, "{}", std::process::id())
             .map_err(|e| Error::Io(format!("cannot write pidfile {}: {}", path.display(), e)))?;
-        Ok(PidFile { path: path.to_path_buf(), _lock: lock })
+        Ok(PidFile {
+            path: path.to_path_buf(),
+            _lock: lock,
+        })
     }
 }
 
@@ -117,10 +151,15 @@ pub fn daemonize() -> Result<()> {
 /// -s, -k, -r: send a signal to the process named in the pidfile.
 pub fn signal_pidfile(pidfile: Option<&Path>, sig: Signal) -> Result<()> {
     let Some(path) = pidfile else {
-        return Err(Error::Config("No pidfile configured: set pidfile in the config file to use -s, -k or -r".into()));
+        return Err(Error::Config(
+            "No pidfile configured: set pidfile in the config file to use -s, -k or -r".into(),
+        ));
     };
     let Some(pid) = read_pid(path) else {
-        return Err(Error::Other(format!("not running: no pidfile {} (nothing to signal)", path.display())));
+        return Err(Error::Other(format!(
+            "not running: no pidfile {} (nothing to signal)",
+            path.display()
+        )));
     };
     if !alive(pid) {
         return Err(Error::Other(format!(
@@ -129,6 +168,7 @@ pub fn signal_pidfile(pidfile: Option<&Path>, sig: Signal) -> Result<()> {
             path.display()
         )));
     }
-    kill(Pid::from_raw(pid), sig).map_err(|e| Error::Io(format!("cannot signal pid {pid}: {e}")))?;
+    kill(Pid::from_raw(pid), sig)
+        .map_err(|e| Error::Io(format!("cannot signal pid {pid}: {e}")))?;
     Ok(())
 }

@@ -21,7 +21,12 @@ pub fn redact(connstr: &str) -> String {
         if let Some(at) = s[scheme_end + 3..].find('@') {
             let cred = &s[scheme_end + 3..scheme_end + 3 + at];
             if let Some(colon) = cred.find(':') {
-                return format!("{}{}:***{}", &s[..scheme_end + 3], &cred[..colon], &s[scheme_end + 3 + at..]);
+                return format!(
+                    "{}{}:***{}",
+                    &s[..scheme_end + 3],
+                    &cred[..colon],
+                    &s[scheme_end + 3 + at..]
+                );
             }
         }
     }
@@ -81,14 +86,22 @@ pub fn describe(connstr: &str) -> String {
 
 /// Appends extra connection parameters (remote_extra_connstr).
 pub fn with_extra(connstr: &str, extra: &str) -> String {
-    if extra.trim().is_empty() { connstr.to_string() } else { format!("{connstr} {extra}") }
+    if extra.trim().is_empty() {
+        connstr.to_string()
+    } else {
+        format!("{connstr} {extra}")
+    }
 }
 
 /// Connects and prepares the session: ISO dates and fixed formats, so values that
 /// travel as text (events, copies) read back exactly.
 pub fn connect(connstr: &str, app: &str) -> Result<Client> {
     let mut cfg: postgres::Config = connstr.parse().map_err(|e: postgres::Error| {
-        Error::Config(format!("bad connection string \"{}\": {}", redact(connstr), pg_message(&e)))
+        Error::Config(format!(
+            "bad connection string \"{}\": {}",
+            redact(connstr),
+            pg_message(&e)
+        ))
     })?;
     if cfg.get_application_name().is_none() {
         cfg.application_name(app);
@@ -98,16 +111,23 @@ pub fn connect(connstr: &str, app: &str) -> Result<Client> {
     }
     let mut client = cfg.connect(NoTls).map_err(|e| {
         let msg = pg_message(&e);
-        let hint = if msg.contains("refused") || msg.contains("timed out") || msg.contains("No such file") {
-            "; is the server running and accepting TCP connections there?"
-        } else if msg.contains("password") {
-            "; check the user and password (or .pgpass)"
-        } else if msg.contains("does not exist") {
-            "; create it first, or fix dbname="
-        } else {
-            ""
-        };
-        Error::Unavailable(format!("cannot connect to \"{}\": {}{}", redact(connstr), msg, hint))
+        let hint =
+            if msg.contains("refused") || msg.contains("timed out") || msg.contains("No such file")
+            {
+                "; is the server running and accepting TCP connections there?"
+            } else if msg.contains("password") {
+                "; check the user and password (or .pgpass)"
+            } else if msg.contains("does not exist") {
+                "; create it first, or fix dbname="
+            } else {
+                ""
+            };
+        Error::Unavailable(format!(
+            "cannot connect to \"{}\": {}{}",
+            redact(connstr),
+            msg,
+            hint
+        ))
     })?;
     client
         .batch_execute(
@@ -122,7 +142,10 @@ pub fn connect(connstr: &str, app: &str) -> Result<Client> {
 /// Does a schema exist in the connected database?
 pub fn schema_exists(c: &mut Client, schema: &str) -> Result<bool> {
     let row = c
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", &[&schema])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema],
+        )
         .ctx(|| "cannot read pg_namespace".into())?;
     Ok(row.get(0))
 }
@@ -133,8 +156,14 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact("host=x password=s3cret dbname=d"), "host=x password=*** dbname=d");
-        assert_eq!(redact("host=x password='a b' dbname=d"), "host=x password=*** dbname=d");
+        assert_eq!(
+            redact("host=x password=s3cret dbname=d"),
+            "host=x password=*** dbname=d"
+        );
+        assert_eq!(
+            redact("host=x password='a b' dbname=d"),
+            "host=x password=*** dbname=d"
+        );
         assert_eq!(redact("postgres://u:pw@h/db"), "postgres://u:***@h/db");
         assert_eq!(describe("host=h port=5 dbname=x"), "h:5/x");
     }

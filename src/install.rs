@@ -7,7 +7,11 @@
 use crate::error::{Context, Result};
 use postgres::{Client, GenericClient};
 
-const PGQ_SQL: &str = concat!(include_str!("sql/pgq.sql"), "\n", include_str!("sql/capture.sql"));
+const PGQ_SQL: &str = concat!(
+    include_str!("sql/pgq.sql"),
+    "\n",
+    include_str!("sql/capture.sql")
+);
 const LONDISTE_SQL: &str = include_str!("sql/londiste.sql");
 
 /// Bump when a script changes; an older installed version is upgraded by
@@ -19,13 +23,24 @@ const LOCK_KEY: i64 = 0x6c6f_6e64_6973; // "londis"
 
 fn installed_version<C: GenericClient>(c: &mut C, component: &str) -> Result<Option<i32>> {
     let has = c
-        .query_one("SELECT to_regclass('pgq.schema_info') IS NOT NULL", &[])
+        // Not to_regclass(): it trusts this backend's catalog caches, which in a
+        // transaction begun before another installer committed still say "no
+        // such table", so the re-check under the lock would miss that install.
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'pgq' AND c.relname = 'schema_info')",
+            &[],
+        )
         .ctx(|| "cannot check installed version".into())?;
     if !has.get::<_, bool>(0) {
         return Ok(None);
     }
     let row = c
-        .query_opt("SELECT version FROM pgq.schema_info WHERE component = $1", &[&component])
+        .query_opt(
+            "SELECT version FROM pgq.schema_info WHERE component = $1",
+            &[&component],
+        )
         .ctx(|| "cannot read pgq.schema_info".into())?;
     Ok(row.map(|r| r.get(0)))
 }
@@ -34,7 +49,9 @@ fn install_component(c: &mut Client, component: &str, sql: &str, version: i32) -
     if installed_version(c, component)? == Some(version) {
         return Ok(false);
     }
-    let mut tx = c.transaction().ctx(|| "cannot begin install transaction".into())?;
+    let mut tx = c
+        .transaction()
+        .ctx(|| "cannot begin install transaction".into())?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
         .ctx(|| "cannot take install lock".into())?;
     // Someone else may have installed while we waited for the lock.
@@ -44,7 +61,9 @@ fn install_component(c: &mut Client, component: &str, sql: &str, version: i32) -
     tx.batch_execute("SET LOCAL client_min_messages = warning")
         .ctx(|| "cannot set client_min_messages".into())?;
     tx.batch_execute(sql).ctx(|| {
-        format!("cannot install the {component} schema (does this role have CREATE on the database?)")
+        format!(
+            "cannot install the {component} schema (does this role have CREATE on the database?)"
+        )
     })?;
     tx.execute(
         "INSERT INTO pgq.schema_info (component, version) VALUES ($1, $2)
@@ -52,7 +71,8 @@ fn install_component(c: &mut Client, component: &str, sql: &str, version: i32) -
         &[&component, &version],
     )
     .ctx(|| "cannot record schema version".into())?;
-    tx.commit().ctx(|| format!("cannot commit the {component} install"))?;
+    tx.commit()
+        .ctx(|| format!("cannot commit the {component} install"))?;
     Ok(true)
 }
 

@@ -22,7 +22,13 @@ struct Sinks {
 static SINKS: OnceLock<Arc<Mutex<Sinks>>> = OnceLock::new();
 
 fn sinks() -> &'static Arc<Mutex<Sinks>> {
-    SINKS.get_or_init(|| Arc::new(Mutex::new(Sinks { file: None, stderr: true, syslog: None })))
+    SINKS.get_or_init(|| {
+        Arc::new(Mutex::new(Sinks {
+            file: None,
+            stderr: true,
+            syslog: None,
+        }))
+    })
 }
 
 struct Writer;
@@ -39,7 +45,13 @@ impl Write for Writer {
         if let Some((sock, ident, facility)) = s.syslog.as_ref() {
             let line = String::from_utf8_lossy(buf);
             let prio = facility * 8 + syslog_severity(&line);
-            let msg = format!("<{}>{}[{}]: {}", prio, ident, std::process::id(), line.trim_end());
+            let msg = format!(
+                "<{}>{}[{}]: {}",
+                prio,
+                ident,
+                std::process::id(),
+                line.trim_end()
+            );
             let _ = sock.send(msg.as_bytes());
         }
         Ok(buf.len())
@@ -149,9 +161,16 @@ pub fn configure_syslog(enabled: bool, ident: &str, facility: &str) {
 }
 
 fn open_log(p: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(p).map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot open logfile {}: {}", p.display(), e))
-    })
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot open logfile {}: {}", p.display(), e),
+            )
+        })
 }
 
 /// Reopens the logfile (after logrotate moved it away); on failure keeps the old one.

@@ -39,7 +39,9 @@ pub fn load<C: GenericClient>(c: &mut C, queue: &str) -> Result<Option<NodeInfo>
     if !has.get::<_, bool>(0) {
         return Ok(None);
     }
-    let row = c.query_opt(SELECT, &[&queue]).ctx(|| "cannot read londiste.node_info".into())?;
+    let row = c
+        .query_opt(SELECT, &[&queue])
+        .ctx(|| "cannot read londiste.node_info".into())?;
     Ok(row.map(|r| NodeInfo {
         queue_name: r.get(0),
         node_type: r.get(1),

@@ -37,7 +37,12 @@ pub fn parse_record(s: &str) -> Result<Vec<Option<String>>> {
                     any = true;
                     match chars.next() {
                         Some(e) => field.push(e),
-                        None => return Err(Error::Other(format!("malformed row text: {}", preview(s)))),
+                        None => {
+                            return Err(Error::Other(format!(
+                                "malformed row text: {}",
+                                preview(s)
+                            )));
+                        }
                     }
                 }
                 _ => {
@@ -48,7 +53,10 @@ pub fn parse_record(s: &str) -> Result<Vec<Option<String>>> {
             }
         }
         if quoted {
-            return Err(Error::Other(format!("unterminated quote in row text: {}", preview(s))));
+            return Err(Error::Other(format!(
+                "unterminated quote in row text: {}",
+                preview(s)
+            )));
         }
         out.push(if any { Some(field) } else { None });
         match chars.next() {
@@ -64,7 +72,10 @@ pub fn parse_record(s: &str) -> Result<Vec<Option<String>>> {
 pub fn parse_text_array(s: &str) -> Result<Vec<String>> {
     let s = s.trim();
     if s.len() < 2 || !s.starts_with('{') || !s.ends_with('}') {
-        return Err(Error::Other(format!("malformed array text: {}", preview(s))));
+        return Err(Error::Other(format!(
+            "malformed array text: {}",
+            preview(s)
+        )));
     }
     let inner = &s[1..s.len() - 1];
     let mut out = Vec::new();
@@ -80,11 +91,21 @@ pub fn parse_text_array(s: &str) -> Result<Vec<String>> {
                 match chars.next() {
                     Some('\\') => match chars.next() {
                         Some(c) => item.push(c),
-                        None => return Err(Error::Other(format!("malformed array text: {}", preview(s)))),
+                        None => {
+                            return Err(Error::Other(format!(
+                                "malformed array text: {}",
+                                preview(s)
+                            )));
+                        }
                     },
                     Some('"') => break,
                     Some(c) => item.push(c),
-                    None => return Err(Error::Other(format!("malformed array text: {}", preview(s)))),
+                    None => {
+                        return Err(Error::Other(format!(
+                            "malformed array text: {}",
+                            preview(s)
+                        )));
+                    }
                 }
             }
         } else {
@@ -100,7 +121,12 @@ pub fn parse_text_array(s: &str) -> Result<Vec<String>> {
         match chars.next() {
             Some(',') => continue,
             None => break,
-            Some(_) => return Err(Error::Other(format!("malformed array text: {}", preview(s)))),
+            Some(_) => {
+                return Err(Error::Other(format!(
+                    "malformed array text: {}",
+                    preview(s)
+                )));
+            }
         }
     }
     Ok(out)
@@ -144,8 +170,11 @@ impl Snapshot {
 /// Quotes an identifier the way quote_ident() does.
 pub fn quote_ident(s: &str) -> String {
     let plain = !s.is_empty()
-        && s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && !is_reserved(s);
     if plain {
         s.to_string()
@@ -163,24 +192,159 @@ fn is_reserved(s: &str) -> bool {
     // SQL key words that quote_ident() quotes; the list only decides cosmetics
     // (a reserved word left unquoted would be a bug, an extra quote is harmless).
     const WORDS: &[&str] = &[
-        "all", "analyse", "analyze", "and", "any", "array", "as", "asc", "asymmetric", "authorization",
-        "between", "bigint", "binary", "bit", "boolean", "both", "case", "cast", "char", "character",
-        "check", "coalesce", "collate", "collation", "column", "concurrently", "constraint", "create",
-        "cross", "current_catalog", "current_date", "current_role", "current_schema", "current_time",
-        "current_timestamp", "current_user", "dec", "decimal", "default", "deferrable", "desc",
-        "distinct", "do", "else", "end", "except", "exists", "extract", "false", "fetch", "float",
-        "for", "foreign", "freeze", "from", "full", "grant", "greatest", "group", "grouping", "having",
-        "ilike", "in", "initially", "inner", "inout", "int", "integer", "intersect", "interval", "into",
-        "is", "isnull", "join", "json", "lateral", "leading", "least", "left", "like", "limit",
-        "localtime", "localtimestamp", "national", "natural", "nchar", "none", "normalize", "not",
-        "notnull", "null", "nullif", "numeric", "offset", "on", "only", "or", "order", "out", "outer",
-        "overlaps", "overlay", "placing", "position", "precision", "primary", "real", "references",
-        "returning", "right", "row", "select", "session_user", "setof", "similar", "smallint", "some",
-        "substring", "symmetric", "system_user", "table", "tablesample", "then", "time", "timestamp",
-        "to", "trailing", "treat", "trim", "true", "union", "unique", "user", "using", "values",
-        "varchar", "variadic", "verbose", "when", "where", "window", "with", "xmlattributes",
-        "xmlconcat", "xmlelement", "xmlexists", "xmlforest", "xmlnamespaces", "xmlparse", "xmlpi",
-        "xmlroot", "xmlserialize", "xmltable",
+        "all",
+        "analyse",
+        "analyze",
+        "and",
+        "any",
+        "array",
+        "as",
+        "asc",
+        "asymmetric",
+        "authorization",
+        "between",
+        "bigint",
+        "binary",
+        "bit",
+        "boolean",
+        "both",
+        "case",
+        "cast",
+        "char",
+        "character",
+        "check",
+        "coalesce",
+        "collate",
+        "collation",
+        "column",
+        "concurrently",
+        "constraint",
+        "create",
+        "cross",
+        "current_catalog",
+        "current_date",
+        "current_role",
+        "current_schema",
+        "current_time",
+        "current_timestamp",
+        "current_user",
+        "dec",
+        "decimal",
+        "default",
+        "deferrable",
+        "desc",
+        "distinct",
+        "do",
+        "else",
+        "end",
+        "except",
+        "exists",
+        "extract",
+        "false",
+        "fetch",
+        "float",
+        "for",
+        "foreign",
+        "freeze",
+        "from",
+        "full",
+        "grant",
+        "greatest",
+        "group",
+        "grouping",
+        "having",
+        "ilike",
+        "in",
+        "initially",
+        "inner",
+        "inout",
+        "int",
+        "integer",
+        "intersect",
+        "interval",
+        "into",
+        "is",
+        "isnull",
+        "join",
+        "json",
+        "lateral",
+        "leading",
+        "least",
+        "left",
+        "like",
+        "limit",
+        "localtime",
+        "localtimestamp",
+        "national",
+        "natural",
+        "nchar",
+        "none",
+        "normalize",
+        "not",
+        "notnull",
+        "null",
+        "nullif",
+        "numeric",
+        "offset",
+        "on",
+        "only",
+        "or",
+        "order",
+        "out",
+        "outer",
+        "overlaps",
+        "overlay",
+        "placing",
+        "position",
+        "precision",
+        "primary",
+        "real",
+        "references",
+        "returning",
+        "right",
+        "row",
+        "select",
+        "session_user",
+        "setof",
+        "similar",
+        "smallint",
+        "some",
+        "substring",
+        "symmetric",
+        "system_user",
+        "table",
+        "tablesample",
+        "then",
+        "time",
+        "timestamp",
+        "to",
+        "trailing",
+        "treat",
+        "trim",
+        "true",
+        "union",
+        "unique",
+        "user",
+        "using",
+        "values",
+        "varchar",
+        "variadic",
+        "verbose",
+        "when",
+        "where",
+        "window",
+        "with",
+        "xmlattributes",
+        "xmlconcat",
+        "xmlelement",
+        "xmlexists",
+        "xmlforest",
+        "xmlnamespaces",
+        "xmlparse",
+        "xmlpi",
+        "xmlroot",
+        "xmlserialize",
+        "xmltable",
     ];
     WORDS.contains(&s)
 }
@@ -266,7 +430,10 @@ mod tests {
 
     #[test]
     fn arrays() {
-        assert_eq!(parse_text_array(r#"{id,"a b","q\"x",c}"#).unwrap(), vec!["id", "a b", "q\"x", "c"]);
+        assert_eq!(
+            parse_text_array(r#"{id,"a b","q\"x",c}"#).unwrap(),
+            vec!["id", "a b", "q\"x", "c"]
+        );
         assert!(parse_text_array("{}").unwrap().is_empty());
     }
 
@@ -278,8 +445,14 @@ mod tests {
 
     #[test]
     fn names() {
-        assert_eq!(split_qualified("T1").unwrap(), ("public".into(), "t1".into()));
-        assert_eq!(split_qualified(r#""My.S"."x""y""#).unwrap(), ("My.S".into(), "x\"y".into()));
+        assert_eq!(
+            split_qualified("T1").unwrap(),
+            ("public".into(), "t1".into())
+        );
+        assert_eq!(
+            split_qualified(r#""My.S"."x""y""#).unwrap(),
+            ("My.S".into(), "x\"y".into())
+        );
         assert_eq!(fq_name("public", "Order"), r#"public."Order""#);
         assert_eq!(fq_name("public", "order"), r#"public."order""#);
         assert!(split_qualified("a.b.c").is_err());

@@ -20,33 +20,35 @@ pub enum Control {
 pub fn listen() -> std::io::Result<Receiver<Control>> {
     let (tx, rx): (Sender<Control>, Receiver<Control>) = unbounded();
     let mut signals = Signals::new([SIGHUP, SIGINT, SIGTERM])?;
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        let mut stopping = false;
-        for sig in signals.forever() {
-            let msg = match sig {
-                SIGHUP => Control::Reload,
-                SIGINT | SIGTERM if stopping => {
-                    log::warn!("second stop signal: exiting at once");
-                    std::process::exit(0);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut stopping = false;
+            for sig in signals.forever() {
+                let msg = match sig {
+                    SIGHUP => Control::Reload,
+                    SIGINT | SIGTERM if stopping => {
+                        log::warn!("second stop signal: exiting at once");
+                        std::process::exit(0);
+                    }
+                    SIGINT => {
+                        log::info!("got SIGINT, stopping after the current batch");
+                        stopping = true;
+                        Control::Stop
+                    }
+                    _ => {
+                        log::info!("got SIGTERM, stopping");
+                        stopping = true;
+                        Control::Kill
+                    }
+                };
+                if sig == SIGHUP {
+                    log::info!("got SIGHUP, reloading config and reopening the log");
                 }
-                SIGINT => {
-                    log::info!("got SIGINT, stopping after the current batch");
-                    stopping = true;
-                    Control::Stop
+                if tx.send(msg).is_err() {
+                    break;
                 }
-                _ => {
-                    log::info!("got SIGTERM, stopping");
-                    stopping = true;
-                    Control::Kill
-                }
-            };
-            if sig == SIGHUP {
-                log::info!("got SIGHUP, reloading config and reopening the log");
             }
-            if tx.send(msg).is_err() {
-                break;
-            }
-        }
-    })?;
+        })?;
     Ok(rx)
 }

@@ -12,7 +12,10 @@ use postgres::Client;
 use std::time::{Duration, Instant};
 
 fn remote(cfg: &WorkerConfig, loc: &str) -> Result<Client> {
-    db::connect(&db::with_extra(loc, &cfg.remote_extra_connstr), "londiste-rs status")
+    db::connect(
+        &db::with_extra(loc, &cfg.remote_extra_connstr),
+        "londiste-rs status",
+    )
 }
 
 struct Row {
@@ -58,14 +61,22 @@ pub fn status(cfg: &WorkerConfig) -> Result<()> {
         .get(0);
     let mut rows = Vec::new();
     for m in members {
-        let (name, loc, prov, dead): (String, String, Option<String>, bool) = (m.get(0), m.get(1), m.get(2), m.get(3));
-        let mut r = Row { info: None, name: name.clone(), provider: prov, lines: Vec::new() };
+        let (name, loc, prov, dead): (String, String, Option<String>, bool) =
+            (m.get(0), m.get(1), m.get(2), m.get(3));
+        let mut r = Row {
+            info: None,
+            name: name.clone(),
+            provider: prov,
+            lines: Vec::new(),
+        };
         if dead {
             r.lines.push("DEAD".into());
             rows.push(r);
             continue;
         }
-        match remote(cfg, &loc).and_then(|mut c| node_lines(&mut c, &mut root, cfg, root_tick).map(|x| (x, c))) {
+        match remote(cfg, &loc)
+            .and_then(|mut c| node_lines(&mut c, &mut root, cfg, root_tick).map(|x| (x, c)))
+        {
             Ok(((info, lines), _)) => {
                 r.info = info;
                 r.lines = lines;
@@ -75,40 +86,74 @@ pub fn status(cfg: &WorkerConfig) -> Result<()> {
         rows.push(r);
     }
     println!("Queue: {}   Local node: {}\n", cfg.queue_name, me.node_name);
-    let root_name = rows.iter().find(|r| r.info.as_ref().is_some_and(|i| i.is_root())).map(|r| r.name.clone());
+    let root_name = rows
+        .iter()
+        .find(|r| r.info.as_ref().is_some_and(|i| i.is_root()))
+        .map(|r| r.name.clone());
     let Some(root_name) = root_name else {
-        return Err(Error::Other("the root node is not among the members".into()));
+        return Err(Error::Other(
+            "the root node is not among the members".into(),
+        ));
     };
     print_tree(&rows, &root_name, "", true, true);
     Ok(())
 }
 
 fn print_tree(rows: &[Row], name: &str, prefix: &str, last: bool, top: bool) {
-    let Some(r) = rows.iter().find(|r| r.name == name) else { return };
-    let kind = r.info.as_ref().map(|i| i.node_type.clone()).unwrap_or_else(|| "?".into());
+    let Some(r) = rows.iter().find(|r| r.name == name) else {
+        return;
+    };
+    let kind = r
+        .info
+        .as_ref()
+        .map(|i| i.node_type.clone())
+        .unwrap_or_else(|| "?".into());
     if top {
         println!("{} ({})", r.name, kind);
     } else {
         println!("{}+--: {} ({})", prefix, r.name, kind);
     }
-    let child_prefix = if top { String::new() } else { format!("{}{}", prefix, if last { "    " } else { "|   " }) };
-    let kids: Vec<&Row> = rows.iter().filter(|k| k.provider.as_deref() == Some(name) && k.name != name).collect();
+    let child_prefix = if top {
+        String::new()
+    } else {
+        format!("{}{}", prefix, if last { "    " } else { "|   " })
+    };
+    let kids: Vec<&Row> = rows
+        .iter()
+        .filter(|k| k.provider.as_deref() == Some(name) && k.name != name)
+        .collect();
     for l in &r.lines {
-        println!("{}{}    {}", child_prefix, if kids.is_empty() { " " } else { "|" }, l);
+        println!(
+            "{}{}    {}",
+            child_prefix,
+            if kids.is_empty() { " " } else { "|" },
+            l
+        );
     }
     for (i, k) in kids.iter().enumerate() {
         print_tree(rows, &k.name, &child_prefix, i + 1 == kids.len(), false);
     }
 }
 
-fn node_lines(c: &mut Client, root: &mut Client, cfg: &WorkerConfig, root_tick: Option<i64>) -> Result<(Option<NodeInfo>, Vec<String>)> {
+fn node_lines(
+    c: &mut Client,
+    root: &mut Client,
+    cfg: &WorkerConfig,
+    root_tick: Option<i64>,
+) -> Result<(Option<NodeInfo>, Vec<String>)> {
     let Some(n) = node::load(c, &cfg.queue_name)? else {
         return Ok((None, vec!["not initialised".into()]));
     };
     let mut lines = Vec::new();
     let tables = node::tables(c, &cfg.queue_name)?;
-    let ok = tables.iter().filter(|t| t.local && t.merge_state.as_deref() == Some("ok")).count();
-    let half = tables.iter().filter(|t| t.local && t.merge_state.as_deref() != Some("ok")).count();
+    let ok = tables
+        .iter()
+        .filter(|t| t.local && t.merge_state.as_deref() == Some("ok"))
+        .count();
+    let half = tables
+        .iter()
+        .filter(|t| t.local && t.merge_state.as_deref() != Some("ok"))
+        .count();
     let ignored = tables.iter().filter(|t| !t.local).count();
     lines.push(format!("Tables: {ok}/{half}/{ignored}"));
     if n.is_root() {
@@ -140,7 +185,11 @@ fn node_lines(c: &mut Client, root: &mut Client, cfg: &WorkerConfig, root_tick: 
             "Lag: {}, Tick: {}{}",
             lag.map(|l| format!("{l:.1}s")).unwrap_or("?".into()),
             tick,
-            if behind > 0 { format!(" ({behind} ticks behind)") } else { String::new() }
+            if behind > 0 {
+                format!(" ({behind} ticks behind)")
+            } else {
+                String::new()
+            }
         ));
         let seen: Option<f64> = c
             .query_one(
@@ -159,14 +208,26 @@ fn node_lines(c: &mut Client, root: &mut Client, cfg: &WorkerConfig, root_tick: 
     if let Some(e) = &n.cur_error {
         lines.push(format!("ERR: {e}"));
     }
-    for t in tables.iter().filter(|t| t.local && t.merge_state.as_deref() != Some("ok")) {
-        lines.push(format!("  {}: {}", t.table_name, t.merge_state.as_deref().unwrap_or("waiting for copy")));
+    for t in tables
+        .iter()
+        .filter(|t| t.local && t.merge_state.as_deref() != Some("ok"))
+    {
+        lines.push(format!(
+            "  {}: {}",
+            t.table_name,
+            t.merge_state.as_deref().unwrap_or("waiting for copy")
+        ));
     }
     Ok((Some(n), lines))
 }
 
 /// Row count and checksum of a table over the given columns.
-fn checksum(c: &mut impl postgres::GenericClient, table: &str, cols: &[String], count_only: bool) -> Result<(i64, i64)> {
+fn checksum(
+    c: &mut impl postgres::GenericClient,
+    table: &str,
+    cols: &[String],
+    count_only: bool,
+) -> Result<(i64, i64)> {
     let sql = if count_only {
         format!("SELECT count(*), 0::int8 FROM ONLY {table}")
     } else {
@@ -176,7 +237,9 @@ fn checksum(c: &mut impl postgres::GenericClient, table: &str, cols: &[String], 
             list.join(", ")
         )
     };
-    let r = c.query_one(sql.as_str(), &[]).ctx(|| format!("cannot checksum {table}"))?;
+    let r = c
+        .query_one(sql.as_str(), &[])
+        .ctx(|| format!("cannot checksum {table}"))?;
     Ok((r.get(0), r.get(1)))
 }
 
@@ -196,7 +259,9 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let mut local = db::connect(&cfg.db, "londiste-rs compare")?;
     let me = node::require(&mut local, &cfg.queue_name, "londiste-rs CONFIG")?;
     if me.is_root() {
-        return Err(Error::Other("compare runs on a subscriber node: it compares it with its provider".into()));
+        return Err(Error::Other(
+            "compare runs on a subscriber node: it compares it with its provider".into(),
+        ));
     }
     let ploc = me.provider_location.clone().unwrap_or_default();
     let mut p = remote(cfg, &ploc)?;
@@ -208,15 +273,24 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let mut differ = 0;
     for t in tables {
         if t.merge_state.as_deref() != Some("ok") {
-            println!("{}: not in sync yet ({}), skipped", t.table_name, t.merge_state.as_deref().unwrap_or("waiting for copy"));
+            println!(
+                "{}: not in sync yet ({}), skipped",
+                t.table_name,
+                t.merge_state.as_deref().unwrap_or("waiting for copy")
+            );
             differ += 1;
             continue;
         }
         let dest = crate::apply::local_name(&t.table_name, t.dest_table.as_deref())?;
         let src = crate::apply::local_name(&t.table_name, None)?;
-        let mut tx = p.transaction().ctx(|| "cannot begin on the provider".into())?;
-        tx.batch_execute(&format!("SET LOCAL lock_timeout = '{}ms'", cfg.lock_timeout.as_millis()))
-            .ctx(|| "cannot set lock_timeout".into())?;
+        let mut tx = p
+            .transaction()
+            .ctx(|| "cannot begin on the provider".into())?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            cfg.lock_timeout.as_millis()
+        ))
+        .ctx(|| "cannot set lock_timeout".into())?;
         tx.batch_execute(&format!("LOCK TABLE {src} IN SHARE MODE"))
             .ctx(|| format!("cannot lock {src} on the provider (busy? raise lock_timeout)"))?;
         // A tick after the lock covers every committed change of the table.
@@ -236,7 +310,11 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
         }
         let scols = columns(&mut tx, &src)?;
         let dcols = columns(&mut local, &dest)?;
-        let common: Vec<String> = scols.iter().filter(|c| dcols.contains(c)).cloned().collect();
+        let common: Vec<String> = scols
+            .iter()
+            .filter(|c| dcols.contains(c))
+            .cloned()
+            .collect();
         if common.len() != scols.len() || common.len() != dcols.len() {
             println!("{}: comparing common columns only", t.table_name);
         }
@@ -253,7 +331,9 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
         }
     }
     if differ > 0 {
-        return Err(Error::Other(format!("{differ} table(s) differ or are not in sync")));
+        return Err(Error::Other(format!(
+            "{differ} table(s) differ or are not in sync"
+        )));
     }
     Ok(())
 }
@@ -261,7 +341,10 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
 /// Makes a tick now (when this process may tick the queue) or waits for the
 /// ticker to make one; returns its id.
 fn force_new_tick(c: &mut Client, queue: &str) -> Result<i64> {
-    let last: i64 = c.query_one("SELECT pgq.force_tick($1)", &[&queue]).ctx(|| "cannot force a tick".into())?.get(0);
+    let last: i64 = c
+        .query_one("SELECT pgq.force_tick($1)", &[&queue])
+        .ctx(|| "cannot force a tick".into())?
+        .get(0);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let _ = c.query_one("SELECT pgq.ticker($1)", &[&queue]);
@@ -276,7 +359,9 @@ fn force_new_tick(c: &mut Client, queue: &str) -> Result<i64> {
             return Ok(cur);
         }
         if Instant::now() > deadline {
-            return Err(Error::Other("no new tick within 30s; is the ticker running?".into()));
+            return Err(Error::Other(
+                "no new tick within 30s; is the ticker running?".into(),
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -57,7 +57,11 @@ pub enum Jobs {
 
 impl Jobs {
     fn load(&self) -> Result<JobSet> {
-        let one = |j: JobSpec| JobSet { pidfile: j.common().pidfile.clone(), logfile: j.common().logfile.clone(), jobs: vec![j] };
+        let one = |j: JobSpec| JobSet {
+            pidfile: j.common().pidfile.clone(),
+            logfile: j.common().logfile.clone(),
+            jobs: vec![j],
+        };
         match self {
             Jobs::Ticker(f) => f().map(|c| one(JobSpec::Ticker(c))),
             Jobs::Worker(f) => f().map(|c| one(JobSpec::Worker(c))),
@@ -87,7 +91,11 @@ pub fn load_jobs(files: &[PathBuf], sets: &[(String, String)]) -> Result<JobSet>
     }
     let pidfile = jobs.iter().find_map(|j| j.common().pidfile.clone());
     let logfile = jobs.iter().find_map(|j| j.common().logfile.clone());
-    Ok(JobSet { pidfile, logfile, jobs })
+    Ok(JobSet {
+        pidfile,
+        logfile,
+        jobs,
+    })
 }
 
 struct Running {
@@ -107,7 +115,12 @@ fn start(spec: JobSpec, tick_tx: &Sender<TickNotice>) -> Running {
                 let mut t = Ticker::new(cfg, Some(tt));
                 t.run(&ctl_rx)
             });
-            Running { spec, ctl: ctl_tx, ticks: None, handle }
+            Running {
+                spec,
+                ctl: ctl_tx,
+                ticks: None,
+                handle,
+            }
         }
         JobSpec::Worker(cfg) => {
             let (wt_tx, wt_rx) = bounded::<()>(1);
@@ -115,7 +128,12 @@ fn start(spec: JobSpec, tick_tx: &Sender<TickNotice>) -> Running {
                 let mut w = Worker::new(cfg);
                 w.run(&ctl_rx, Some(&wt_rx))
             });
-            Running { spec, ctl: ctl_tx, ticks: Some(wt_tx), handle }
+            Running {
+                spec,
+                ctl: ctl_tx,
+                ticks: Some(wt_tx),
+                handle,
+            }
         }
     }
 }
@@ -124,7 +142,9 @@ fn start(spec: JobSpec, tick_tx: &Sender<TickNotice>) -> Running {
 pub fn run(jobs: Jobs, daemonize: bool, quiet: bool) -> Result<()> {
     let mut set = jobs.load()?;
     if daemonize && set.pidfile.is_none() {
-        return Err(Error::Config("Daemon needs pidfile: set pidfile in the config file to use -d".into()));
+        return Err(Error::Config(
+            "Daemon needs pidfile: set pidfile in the config file to use -d".into(),
+        ));
     }
     if let Some(p) = &set.logfile {
         if let Some(dir) = p.parent() {
@@ -137,9 +157,13 @@ pub fn run(jobs: Jobs, daemonize: bool, quiet: bool) -> Result<()> {
         }
     }
     if daemonize {
+        if let Some(p) = &set.pidfile {
+            daemon::check_not_running(p)?;
+        }
         daemon::daemonize()?;
     }
-    logging::configure(set.logfile.as_deref(), !daemonize && !quiet).map_err(|e| Error::Config(e.to_string()))?;
+    logging::configure(set.logfile.as_deref(), !daemonize && !quiet)
+        .map_err(|e| Error::Config(e.to_string()))?;
     if let Some(j) = set.jobs.first() {
         let c = j.common();
         logging::configure_syslog(c.syslog, &c.syslog_ident, &c.syslog_facility);
@@ -148,7 +172,8 @@ pub fn run(jobs: Jobs, daemonize: bool, quiet: bool) -> Result<()> {
         Some(p) => Some(PidFile::acquire(p)?),
         None => None,
     };
-    let sig = signals::listen().map_err(|e| Error::Io(format!("cannot set up signal handling: {e}")))?;
+    let sig =
+        signals::listen().map_err(|e| Error::Io(format!("cannot set up signal handling: {e}")))?;
     let (tick_tx, tick_rx) = bounded::<TickNotice>(64);
     let mut running: BTreeMap<String, Running> = BTreeMap::new();
     for j in set.jobs.clone() {
@@ -187,10 +212,17 @@ pub fn run(jobs: Jobs, daemonize: bool, quiet: bool) -> Result<()> {
             default(Duration::from_millis(500)) => {}
         }
         // Reap finished threads: restart failed jobs after a pause, unless stopping.
-        let done: Vec<String> = running.iter().filter(|(_, r)| r.handle.is_finished()).map(|(k, _)| k.clone()).collect();
+        let done: Vec<String> = running
+            .iter()
+            .filter(|(_, r)| r.handle.is_finished())
+            .map(|(k, _)| k.clone())
+            .collect();
         for name in done {
             let r = running.remove(&name).unwrap();
-            let res = r.handle.join().unwrap_or_else(|_| Err(Error::Other("thread panicked".into())));
+            let res = r
+                .handle
+                .join()
+                .unwrap_or_else(|_| Err(Error::Other("thread panicked".into())));
             if stopping {
                 continue;
             }
@@ -205,7 +237,11 @@ pub fn run(jobs: Jobs, daemonize: bool, quiet: bool) -> Result<()> {
                 }
             }
         }
-        let due: Vec<String> = restart_at.iter().filter(|(_, at)| Instant::now() >= **at).map(|(k, _)| k.clone()).collect();
+        let due: Vec<String> = restart_at
+            .iter()
+            .filter(|(_, at)| Instant::now() >= **at)
+            .map(|(k, _)| k.clone())
+            .collect();
         for name in due {
             restart_at.remove(&name);
             if let Some(spec) = set.jobs.iter().find(|j| j.name() == name) {

@@ -23,10 +23,17 @@ pub struct TickNotice {
 
 enum State {
     /// Not connected; try again at the instant.
-    Down { retry_at: Instant, since: Instant, failures: u32 },
+    Down {
+        retry_at: Instant,
+        since: Instant,
+        failures: u32,
+    },
     /// Connected, but the database has no pgq schema (or an old one).
     NoPgq { client: Client, recheck_at: Instant },
-    Ready { client: Client, connected_at: Instant },
+    Ready {
+        client: Client,
+        connected_at: Instant,
+    },
 }
 
 struct Database {
@@ -57,7 +64,12 @@ fn connstr(cfg: &TickerConfig, db: &str) -> String {
 
 impl Ticker {
     pub fn new(cfg: TickerConfig, notify: Option<Sender<TickNotice>>) -> Ticker {
-        Ticker { cfg, dbs: BTreeMap::new(), stats: Stats::default(), notify }
+        Ticker {
+            cfg,
+            dbs: BTreeMap::new(),
+            stats: Stats::default(),
+            notify,
+        }
     }
 
     /// The databases to tick: the configured list, or every connectable one.
@@ -80,12 +92,21 @@ impl Ticker {
                 for n in &names {
                     self.dbs.entry(n.clone()).or_insert_with(|| Database {
                         name: n.clone(),
-                        state: State::Down { retry_at: now, since: now, failures: 0 },
+                        state: State::Down {
+                            retry_at: now,
+                            since: now,
+                            failures: 0,
+                        },
                         next_maint: now,
                         next_retry: now,
                     });
                 }
-                let gone: Vec<String> = self.dbs.keys().filter(|k| !names.contains(k)).cloned().collect();
+                let gone: Vec<String> = self
+                    .dbs
+                    .keys()
+                    .filter(|k| !names.contains(k))
+                    .cloned()
+                    .collect();
                 for g in gone {
                     log::info!("database {g} is no longer in the list; not ticking it");
                     self.dbs.remove(&g);
@@ -97,7 +118,10 @@ impl Ticker {
 
     /// Runs until a stop message; `ctl` carries signals from the supervisor.
     pub fn run(&mut self, ctl: &Receiver<Control>) -> Result<()> {
-        log::info!("Starting londiste-rs ticker {} (pgqd mode)", env!("CARGO_PKG_VERSION"));
+        log::info!(
+            "Starting londiste-rs ticker {} (pgqd mode)",
+            env!("CARGO_PKG_VERSION")
+        );
         let mut next_check = Instant::now();
         let mut next_stats = Instant::now() + self.cfg.stats_period;
         loop {
@@ -134,7 +158,9 @@ impl Ticker {
                 Ok(Control::Stop) | Ok(Control::Kill) => return Err(Error::Stopped),
                 Ok(Control::Reload) => return Ok(()),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(Error::Stopped),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Stopped);
+                }
             }
         }
     }
@@ -145,16 +171,27 @@ impl Ticker {
 fn step(cfg: &TickerConfig, db: &mut Database, stats: &mut Stats) -> Option<i64> {
     let now = Instant::now();
     match &mut db.state {
-        State::Down { retry_at, since, failures } => {
+        State::Down {
+            retry_at,
+            since,
+            failures,
+        } => {
             if now < *retry_at {
                 return None;
             }
             match db::connect(&connstr(cfg, &db.name), "londiste-rs ticker") {
                 Ok(client) => {
                     if *failures > 0 {
-                        log::info!("database {}: connected again after {:.0?}", db.name, since.elapsed());
+                        log::info!(
+                            "database {}: connected again after {:.0?}",
+                            db.name,
+                            since.elapsed()
+                        );
                     }
-                    db.state = State::NoPgq { client, recheck_at: now };
+                    db.state = State::NoPgq {
+                        client,
+                        recheck_at: now,
+                    };
                 }
                 Err(e) => {
                     if *failures == 0 {
@@ -164,7 +201,8 @@ fn step(cfg: &TickerConfig, db: &mut Database, stats: &mut Stats) -> Option<i64>
                     }
                     *failures += 1;
                     // Backoff 1 s doubling, capped at check_period.
-                    let wait = Duration::from_secs(1 << (*failures).min(6)).min(cfg.check_period.max(Duration::from_secs(1)));
+                    let wait = Duration::from_secs(1 << (*failures).min(6))
+                        .min(cfg.check_period.max(Duration::from_secs(1)));
                     *retry_at = now + wait;
                     return None;
                 }
@@ -176,17 +214,32 @@ fn step(cfg: &TickerConfig, db: &mut Database, stats: &mut Stats) -> Option<i64>
             }
             match client.query_one("SELECT to_regprocedure('pgq.ticker()') IS NOT NULL", &[]) {
                 Ok(r) if r.get::<_, bool>(0) => {
-                    let State::NoPgq { client, .. } =
-                        std::mem::replace(&mut db.state, State::Down { retry_at: now, since: now, failures: 0 })
-                    else {
+                    let State::NoPgq { client, .. } = std::mem::replace(
+                        &mut db.state,
+                        State::Down {
+                            retry_at: now,
+                            since: now,
+                            failures: 0,
+                        },
+                    ) else {
                         unreachable!()
                     };
                     log::info!("database {}: ticking", db.name);
-                    db.state = State::Ready { client, connected_at: now };
+                    db.state = State::Ready {
+                        client,
+                        connected_at: now,
+                    };
                 }
                 Ok(_) => {
-                    log::debug!("database {}: no pgq schema, checking again in {:?}", db.name, cfg.check_period);
-                    *recheck_at = now + cfg.check_period;
+                    // Recheck soon, not after check_period (60 s): the usual order is
+                    // to start pgqd first and run create-root afterwards.
+                    let wait = cfg.check_period.min(Duration::from_secs(1));
+                    log::debug!(
+                        "database {}: no pgq schema, checking again in {:?}",
+                        db.name,
+                        wait
+                    );
+                    *recheck_at = now + wait;
                     return None;
                 }
                 Err(e) => {
@@ -197,10 +250,23 @@ fn step(cfg: &TickerConfig, db: &mut Database, stats: &mut Stats) -> Option<i64>
         }
         State::Ready { .. } => {}
     }
-    let State::Ready { client, connected_at } = &mut db.state else { return None };
+    let State::Ready {
+        client,
+        connected_at,
+    } = &mut db.state
+    else {
+        return None;
+    };
     if connected_at.elapsed() > cfg.connection_lifetime {
-        log::debug!("database {}: connection_lifetime reached, reconnecting", db.name);
-        db.state = State::Down { retry_at: now, since: now, failures: 0 };
+        log::debug!(
+            "database {}: connection_lifetime reached, reconnecting",
+            db.name
+        );
+        db.state = State::Down {
+            retry_at: now,
+            since: now,
+            failures: 0,
+        };
         return None;
     }
     let res = (|| -> std::result::Result<i64, postgres::Error> {
@@ -208,7 +274,9 @@ fn step(cfg: &TickerConfig, db: &mut Database, stats: &mut Stats) -> Option<i64>
         stats.ticks += n as u64;
         if now >= db.next_retry {
             loop {
-                let r: i32 = client.query_one("SELECT pgq.maint_retry_events()", &[])?.get(0);
+                let r: i32 = client
+                    .query_one("SELECT pgq.maint_retry_events()", &[])?
+                    .get(0);
                 stats.retry += r as u64;
                 if r == 0 {
                     break;
@@ -226,15 +294,30 @@ fn step(cfg: &TickerConfig, db: &mut Database, stats: &mut Stats) -> Option<i64>
         Ok(n) => Some(n),
         Err(e) => {
             let msg = crate::error::pg_message(&e);
-            if e.code().map(|c| c.code() == "42883" || c.code() == "3F000").unwrap_or(false) {
+            if e.code()
+                .map(|c| c.code() == "42883" || c.code() == "3F000")
+                .unwrap_or(false)
+            {
                 // The schema was dropped under us: wait for it to come back.
-                log::warn!("database {}: pgq is gone ({}); checking again later", db.name, msg);
-                let State::Ready { client, .. } =
-                    std::mem::replace(&mut db.state, State::Down { retry_at: now, since: now, failures: 0 })
-                else {
+                log::warn!(
+                    "database {}: pgq is gone ({}); checking again later",
+                    db.name,
+                    msg
+                );
+                let State::Ready { client, .. } = std::mem::replace(
+                    &mut db.state,
+                    State::Down {
+                        retry_at: now,
+                        since: now,
+                        failures: 0,
+                    },
+                ) else {
                     unreachable!()
                 };
-                db.state = State::NoPgq { client, recheck_at: now + cfg.check_period };
+                db.state = State::NoPgq {
+                    client,
+                    recheck_at: now + cfg.check_period.min(Duration::from_secs(1)),
+                };
             } else {
                 fail(db, &msg);
             }
@@ -246,26 +329,40 @@ fn step(cfg: &TickerConfig, db: &mut Database, stats: &mut Stats) -> Option<i64>
 fn fail(db: &mut Database, msg: &str) {
     log::error!("database {}: {}; reconnecting", db.name, msg);
     let now = Instant::now();
-    db.state = State::Down { retry_at: now + Duration::from_secs(1), since: now, failures: 1 };
+    db.state = State::Down {
+        retry_at: now + Duration::from_secs(1),
+        since: now,
+        failures: 1,
+    };
 }
 
 /// Runs `pgq.maint_operations()`: each returned function is called again while it
 /// returns non-zero; `vacuum` entries are run as statements.
 fn maintain(client: &mut Client) -> std::result::Result<u64, postgres::Error> {
-    let ops = client.query("SELECT func_name, func_arg FROM pgq.maint_operations()", &[])?;
+    let ops = client.query(
+        "SELECT func_name, func_arg FROM pgq.maint_operations()",
+        &[],
+    )?;
     let mut n = 0;
     for op in ops {
         let func: String = op.get(0);
         let arg: Option<String> = op.get(1);
         if func.eq_ignore_ascii_case("vacuum") || func.eq_ignore_ascii_case("vacuum analyze") {
             if let Some(t) = arg {
-                let t = t.split('.').map(crate::record::ident).collect::<Vec<_>>().join(".");
+                let t = t
+                    .split('.')
+                    .map(crate::record::ident)
+                    .collect::<Vec<_>>()
+                    .join(".");
                 client.batch_execute(&format!("{func} {t}"))?;
             }
             n += 1;
             continue;
         }
-        if !func.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+        if !func
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        {
             log::warn!("skipping maintenance function with an odd name: {func}");
             continue;
         }
@@ -280,7 +377,10 @@ fn maintain(client: &mut Client) -> std::result::Result<u64, postgres::Error> {
             };
             n += 1;
             let v: Option<String> = row.get(0);
-            if v.as_deref().map(|s| s == "0" || s.is_empty()).unwrap_or(true) {
+            if v.as_deref()
+                .map(|s| s == "0" || s.is_empty())
+                .unwrap_or(true)
+            {
                 break;
             }
         }

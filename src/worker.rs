@@ -81,16 +81,56 @@ pub fn tick_snapshot(p: &mut Client, queue: &str, tick: i64) -> Result<Snapshot>
 }
 
 /// Streams a batch's events from the provider in chunks of FETCH and hands each
-/// chunk to `f`. Reading happens in a transaction on the provider (a portal).
+/// chunk to `f`. A scoped reader thread fetches the next chunk (in a read
+/// transaction on the provider, through a portal) while `f` applies the current
+/// one, so fetching and applying overlap; at most two chunks are in memory.
 pub fn for_each_chunk(
     p: &mut Client,
     batch_id: i64,
-    stop: &dyn Fn() -> bool,
+    stop: &(dyn Fn() -> bool + Sync),
     f: &mut dyn FnMut(&[Event]) -> Result<()>,
+) -> Result<()> {
+    let name = format!("{}.read", std::thread::current().name().unwrap_or("worker"));
+    std::thread::scope(|scope| {
+        let (tx, rx) = crossbeam_channel::bounded::<Vec<Event>>(1);
+        let reader = std::thread::Builder::new()
+            .name(name)
+            .spawn_scoped(scope, move || read_batch(p, batch_id, stop, &tx))
+            .map_err(|e| Error::Io(format!("cannot start the batch reader thread: {e}")))?;
+        let (mut t_apply, mut n) = (Duration::ZERO, 0usize);
+        let mut applied: Result<()> = Ok(());
+        for events in rx.iter() {
+            let t0 = Instant::now();
+            n += events.len();
+            applied = f(&events);
+            t_apply += t0.elapsed();
+            if applied.is_err() {
+                break;
+            }
+        }
+        // Dropping the receiver makes a blocked reader give up.
+        drop(rx);
+        let read = reader
+            .join()
+            .unwrap_or_else(|_| Err(Error::Other("batch reader thread panicked".into())));
+        log::debug!("batch {batch_id}: {n} events, apply {t_apply:?}");
+        applied?;
+        read
+    })
+}
+
+fn read_batch(
+    p: &mut Client,
+    batch_id: i64,
+    stop: &(dyn Fn() -> bool + Sync),
+    out: &crossbeam_channel::Sender<Vec<Event>>,
 ) -> Result<()> {
     let mut ptx = p
         .transaction()
         .ctx(|| "cannot begin a read transaction on the provider".into())?;
+    // The batch is sorted by ev_id; let a large batch sort in memory.
+    ptx.batch_execute("SET LOCAL work_mem = '64MB'")
+        .ctx(|| "cannot set work_mem on the provider".into())?;
     let sql: String = ptx
         .query_one("SELECT pgq.batch_event_sql($1)", &[&batch_id])
         .ctx(|| format!("cannot read batch {batch_id}"))?
@@ -127,7 +167,10 @@ pub fn for_each_chunk(
             })
             .collect();
         let last = events.len() < FETCH as usize;
-        f(&events)?;
+        if out.send(events).is_err() {
+            // The applier failed; its error is the one to report.
+            return Ok(());
+        }
         if last {
             break;
         }
@@ -160,7 +203,8 @@ pub struct Worker {
     replica_mode: bool,
     copies: HashMap<String, CopyHandle>,
     copy_retry_at: HashMap<String, Instant>,
-    stop_after_batch: bool,
+    /// A stop or reload that arrived during a batch, acted on after it.
+    after_batch: Option<Control>,
     stats_at: Instant,
     batches: u64,
     last_lag: f64,
@@ -176,7 +220,7 @@ impl Worker {
             replica_mode: false,
             copies: HashMap::new(),
             copy_retry_at: HashMap::new(),
-            stop_after_batch: false,
+            after_batch: None,
             stats_at: Instant::now(),
             batches: 0,
             last_lag: 0.0,
@@ -227,9 +271,16 @@ impl Worker {
             match res {
                 Ok(true) => {
                     backoff = Duration::from_secs(1);
-                    if self.stop_after_batch {
-                        self.stop_copies();
-                        return Err(Error::Stopped);
+                    match self.after_batch.take() {
+                        Some(Control::Reload) => {
+                            self.stop_copies();
+                            return Ok(());
+                        }
+                        Some(_) => {
+                            self.stop_copies();
+                            return Err(Error::Stopped);
+                        }
+                        None => {}
                     }
                     if let Some(c) = self.poll_control(ctl)? {
                         return c;
@@ -516,9 +567,22 @@ impl Worker {
                 None
             };
             let applier = &mut self.applier;
-            let stop = || matches!(ctl.try_recv(), Ok(Control::Kill));
-            let mut stop_after = false;
+            // Control messages during a batch: TERM aborts it (rolled back, safe),
+            // INT and HUP take effect once it is committed.
+            let kill = AtomicBool::new(false);
+            let stop = || kill.load(Ordering::Relaxed);
+            let mut after: Option<Control> = None;
             for_each_chunk(&mut provider, batch.id, &stop, &mut |events| {
+                while let Ok(m) = ctl.try_recv() {
+                    match m {
+                        Control::Kill => {
+                            kill.store(true, Ordering::Relaxed);
+                            return Err(Error::Stopped);
+                        }
+                        Control::Stop => after = Some(Control::Stop),
+                        Control::Reload => after = after.or(Some(Control::Reload)),
+                    }
+                }
                 if let Some(t) = &ev_table {
                     copy_events(&mut tx, t, events)?;
                 }
@@ -526,11 +590,7 @@ impl Worker {
                 let mut special = |tx: &mut Transaction, ev: &Event| -> Result<()> {
                     handle_special(tx, &queue, ev, &mut seqs_done)
                 };
-                applier.apply_chunk(&mut tx, events, &route, &mut special)?;
-                if let Ok(Control::Stop) = ctl.try_recv() {
-                    stop_after = true;
-                }
-                Ok(())
+                applier.apply_chunk(&mut tx, events, &route, &mut special)
             })?;
             if is_branch {
                 tx.query_one(
@@ -559,9 +619,7 @@ impl Worker {
             )
             .ctx(|| "cannot store the new position".into())?;
             tx.commit().ctx(|| "cannot commit the batch".into())?;
-            if stop_after {
-                self.stop_after_batch = true;
-            }
+            self.after_batch = after;
             Ok(())
         })();
         self.provider = Some(provider);

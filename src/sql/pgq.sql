@@ -95,11 +95,13 @@ CREATE INDEX IF NOT EXISTS rq_retry_idx ON pgq.retry_queue (ev_retry_after);
 CREATE OR REPLACE FUNCTION pgq.version() RETURNS text
 LANGUAGE sql IMMUTABLE AS $$ SELECT '3.5.2'::text $$;
 
+-- The last value handed out: a fresh sequence (not yet called) has handed out
+-- none, so an empty queue has no "new events".
 CREATE OR REPLACE FUNCTION pgq.seq_getval(i_seq_name text) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE res bigint;
 BEGIN
-    EXECUTE format('SELECT last_value FROM %s', i_seq_name) INTO res;
+    EXECUTE format('SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM %s', i_seq_name) INTO res;
     RETURN res;
 END $$;
 
@@ -115,6 +117,26 @@ BEGIN
         RETURN i_new_value;
     END IF;
     RETURN cur;
+END $$;
+
+-- The snapshot a tick records. txid_current_snapshot() leaves the calling
+-- transaction itself out of xip, so when it already has a txid below xmax (other
+-- transactions started later and finished first) its own events would count as
+-- committed before the tick, and the batch starting at that tick would skip them.
+-- A tick taken in the same transaction as events (create_queue + INSERT, or a
+-- ticker call after writes) must instead see them as still running.
+CREATE OR REPLACE FUNCTION pgq._tick_snapshot() RETURNS txid_snapshot
+LANGUAGE plpgsql AS $$
+DECLARE
+    s txid_snapshot := txid_current_snapshot();
+    me bigint := txid_current_if_assigned();
+BEGIN
+    IF me IS NULL OR NOT txid_visible_in_snapshot(me, s) THEN
+        RETURN s;
+    END IF;
+    RETURN (least(txid_snapshot_xmin(s), me) || ':' || txid_snapshot_xmax(s) || ':' ||
+            (SELECT string_agg(x::text, ',' ORDER BY x)
+               FROM (SELECT txid_snapshot_xip(s) AS x UNION SELECT me) u))::txid_snapshot;
 END $$;
 
 CREATE OR REPLACE FUNCTION pgq.quote_fqname(i_name text) RETURNS text
@@ -174,8 +196,8 @@ BEGIN
         EXECUTE format('CREATE INDEX event_%s_%s_txid_idx ON %s_%s (ev_txid)', qid, i, pfx, i);
     END LOOP;
     -- The first tick: consumers register at it.
-    INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq)
-    VALUES (qid, nextval(pfx || '_tick_seq'), 0);
+    INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq, tick_snapshot)
+    VALUES (qid, nextval(pfx || '_tick_seq'), 0, pgq._tick_snapshot());
     RETURN 1;
 END $$;
 
@@ -332,7 +354,8 @@ BEGIN
         cur_seq := pgq.seq_getval(q.queue_event_seq);
     END IF;
     res := nextval(q.queue_tick_seq);
-    INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq) VALUES (q.queue_id, res, cur_seq);
+    INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq, tick_snapshot)
+    VALUES (q.queue_id, res, cur_seq, pgq._tick_snapshot());
     PERFORM pg_notify('pgq_tick', i_queue_name);
     RETURN res;
 END $$;
@@ -670,7 +693,7 @@ BEGIN
         RAISE EXCEPTION 'batch not found: %', x_batch_id;
     END IF;
     EXECUTE format('INSERT INTO pgq.retry_queue (ev_retry_after, ev_queue, ev_id, ev_time, ev_txid, ev_owner, ev_retry, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4)
-                    SELECT $1, $2, ev_id, ev_time, NULL, $3, coalesce(ev_retry, 0) + 1, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4
+                    SELECT $1, $2, ev_id, ev_time, ev_txid, $3, coalesce(ev_retry, 0) + 1, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4
                       FROM (%s) ev WHERE ev_id = $4
                     ON CONFLICT DO NOTHING', pgq.batch_event_sql(x_batch_id))
         USING x_retry_time, sub.sub_queue, sub.sub_id, x_event_id;
@@ -694,7 +717,7 @@ BEGIN
         RAISE EXCEPTION 'batch not found: %', i_batch_id;
     END IF;
     EXECUTE format('INSERT INTO pgq.retry_queue (ev_retry_after, ev_queue, ev_id, ev_time, ev_txid, ev_owner, ev_retry, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4)
-                    SELECT now() + $1 * interval ''1 second'', $2, ev_id, ev_time, NULL, $3, coalesce(ev_retry, 0) + 1, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4
+                    SELECT now() + $1 * interval ''1 second'', $2, ev_id, ev_time, ev_txid, $3, coalesce(ev_retry, 0) + 1, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4
                       FROM (%s) ev
                     ON CONFLICT DO NOTHING', pgq.batch_event_sql(i_batch_id))
         USING i_retry_seconds, sub.sub_queue, sub.sub_id;
