@@ -9,3 +9,8 @@
 mod harness;
 
 mod harness_smoke;
+
+mod crash;
+mod daemon;
+mod pgq;
+mod tutorial;

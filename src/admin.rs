@@ -26,10 +26,13 @@ pub struct Opts {
     pub keys: Option<Vec<String>>,
     pub names_only: bool,
     pub count_only: bool,
+    pub apply: bool,
 }
 
 fn connect_local(cfg: &WorkerConfig) -> Result<Client> {
-    db::connect(&cfg.db, "londiste-rs admin")
+    let mut c = db::connect(&cfg.db, "londiste-rs admin")?;
+    crate::install::upgrade_if_installed(&mut c)?;
+    Ok(c)
 }
 
 fn remote(cfg: &WorkerConfig, loc: &str) -> Result<Client> {
@@ -157,14 +160,14 @@ pub fn create_subscriber(
         )
         .ctx(|| "cannot read the provider's members".into())?
         .map(|r| r.get(0));
-    if let Some(t) = taken {
-        if db::describe(&t) != db::describe(&loc) {
-            return Err(Error::Other(format!(
-                "a node named {name} already exists in queue {:?} at {}; choose another name or drop that node",
-                cfg.queue_name,
-                db::describe(&t)
-            )));
-        }
+    if let Some(t) = taken
+        && db::describe(&t) != db::describe(&loc)
+    {
+        return Err(Error::Other(format!(
+            "a node named {name} already exists in queue {:?} at {}; choose another name or drop that node",
+            cfg.queue_name,
+            db::describe(&t)
+        )));
     }
     let worker = cfg.consumer_name.clone();
     p.query_one(
@@ -191,16 +194,16 @@ pub fn create_subscriber(
         &[&cfg.queue_name, &name, &loc, &kind, &pnode.node_name],
     )
     .ctx(|| "cannot register this node on the provider".into())?;
-    if let Some(root_loc) = find_root(cfg, &mut p, &pnode)? {
-        if let Ok(mut r) = remote(cfg, &root_loc) {
-            let _ = r.execute(
+    if let Some(root_loc) = find_root(cfg, &mut p, &pnode)?
+        && let Ok(mut r) = remote(cfg, &root_loc)
+    {
+        let _ = r.execute(
                 "INSERT INTO londiste.node_location (queue_name, node_name, node_location, node_type, provider_node)
                  VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (queue_name, node_name) DO UPDATE SET node_location = EXCLUDED.node_location,
                      node_type = EXCLUDED.node_type, provider_node = EXCLUDED.provider_node, dead = false",
                 &[&cfg.queue_name, &name, &loc, &kind, &pnode.node_name],
             );
-        }
     }
     let members = p
         .query(
@@ -331,6 +334,13 @@ fn resolve(args: &[String], pool: &[String], opts: &Opts, what: &str) -> Result<
     Ok(out)
 }
 
+/// Table names as given on the command line, in the canonical stored form.
+pub fn canonical_names(args: &[String]) -> Result<Vec<String>> {
+    args.iter()
+        .map(|a| split_qualified(a).map(|(s, t)| fq_name(&s, &t)))
+        .collect()
+}
+
 fn table_exists(c: &mut Client, name: &str) -> Result<bool> {
     let r = c
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
@@ -438,12 +448,21 @@ pub fn add_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()>
             )));
         }
         let state: Option<&str> = if opts.expect_sync { Some("ok") } else { None };
-        c.execute(
+        let mut tx = c.transaction().ctx(|| "cannot begin".into())?;
+        tx.execute(
             "INSERT INTO londiste.table_info (queue_name, table_name, dest_table, local, merge_state, skip_truncate, key_columns)
              VALUES ($1, $2, $3, true, $4, $5, $6)",
             &[&cfg.queue_name, &t, &dest, &state, &opts.skip_truncate, &opts.keys],
         )
         .ctx(|| format!("cannot add table {t}"))?;
+        if !opts.no_triggers {
+            tx.query_one(
+                "SELECT londiste.deny_create($1, $2::text::regclass)",
+                &[&cfg.queue_name, &local_name],
+            )
+            .ctx(|| format!("cannot protect {local_name} against local writes"))?;
+        }
+        tx.commit().ctx(|| "cannot commit".into())?;
         log::info!(
             "Table added: {t}{}",
             if opts.expect_sync {
@@ -588,6 +607,22 @@ pub fn remove_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<
                 &[&cfg.queue_name, &t],
             )
             .ctx(|| "cannot announce the removal".into())?;
+        }
+        if !n.is_root() {
+            let local: String = tx
+                .query_one(
+                    "SELECT coalesce(dest_table, table_name) FROM londiste.table_info WHERE queue_name = $1 AND table_name = $2",
+                    &[&cfg.queue_name, &t],
+                )
+                .ctx(|| "cannot read table_info".into())?
+                .get(0);
+            if table_exists_tx(&mut tx, &local)? {
+                tx.query_one(
+                    "SELECT londiste.deny_drop($1, $2::text::regclass)",
+                    &[&cfg.queue_name, &local],
+                )
+                .ctx(|| format!("cannot drop the write protection of {local}"))?;
+            }
         }
         tx.execute(
             "DELETE FROM londiste.table_info WHERE queue_name = $1 AND table_name = $2",
@@ -766,7 +801,7 @@ pub fn tables(cfg: &WorkerConfig, opts: &Opts) -> Result<()> {
         }
         return Ok(());
     }
-    println!("{:<40} {}", "Table", "State");
+    println!("{:<40} State", "Table");
     for t in ts {
         let name = match &t.dest_table {
             Some(d) => format!("{} -> {}", t.table_name, d),
@@ -783,7 +818,7 @@ pub fn seqs(cfg: &WorkerConfig) -> Result<()> {
     let rows = c
         .query("SELECT seq_name, local, last_value FROM londiste.seq_info WHERE queue_name = $1 ORDER BY 1", &[&cfg.queue_name])
         .ctx(|| "cannot read seq_info".into())?;
-    println!("{:<40} {:<6} {}", "Sequence", "Local", "Last value");
+    println!("{:<40} {:<6} Last value", "Sequence", "Local");
     for r in rows {
         let (n, l, v): (String, bool, Option<i64>) = (r.get(0), r.get(1), r.get(2));
         println!(
@@ -827,7 +862,7 @@ pub fn members(cfg: &WorkerConfig) -> Result<()> {
             &[&cfg.queue_name],
         )
         .ctx(|| "cannot read members".into())?;
-    println!("{:<20} {:<6} {}", "node_name", "dead", "node_location");
+    println!("{:<20} {:<6} node_location", "node_name", "dead");
     for r in rows {
         let (n, d, l): (String, bool, String) = (r.get(0), r.get(1), r.get(2));
         println!("{:<20} {:<6} {}", n, d, db::redact(&l));

@@ -140,10 +140,10 @@ impl Applier {
                 continue;
             };
             let Some(r) = route(table) else { continue };
-            if let Some(s) = &r.skip_snapshot {
-                if s.visible(ev.txid) {
-                    continue;
-                }
+            if let Some(s) = &r.skip_snapshot
+                && s.visible(ev.txid)
+            {
+                continue;
             }
             self.stats.events += 1;
             let Some(kind) = kind else {

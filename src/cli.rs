@@ -243,6 +243,7 @@ Table and sequence commands:
   tables [--names-only]  seqs  missing
 Checks:
   compare [TABLE...] [--count-only]             row count and checksum, provider vs this node
+  repair [TABLE...] [--apply]                   print (and with --apply run) the SQL that fixes this node
 Options:
   -d daemon  -s stop  -k kill  -r reload  -q quiet  -v verbose  --ini sample config
   --set KEY=VALUE  -V version
@@ -324,6 +325,7 @@ fn run_londiste(args: &[String]) -> Result<()> {
         "wait-provider" => admin::wait_upstream(&cfg, false),
         "wait-root" => admin::wait_upstream(&cfg, true),
         "compare" => status::compare(&cfg, &args, &opts),
+        "repair" => crate::repair::repair(&cfg, &args, &opts, opts.apply),
         "install" => {
             let mut cl = crate::db::connect(&cfg.db, "londiste-rs admin")?;
             crate::install::install_all(&mut cl)?;
@@ -353,6 +355,7 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
             "--dest-table" => o.dest_table = v,
             "--names-only" => o.names_only = true,
             "--count-only" => o.count_only = true,
+            "--apply" => o.apply = true,
             "--key" => {
                 let keys: Vec<String> = v
                     .unwrap_or_default()

@@ -186,6 +186,18 @@ fn full_copy(
             )));
         }
     }
+    let dropped: i32 = ltx
+        .query_one(
+            "SELECT londiste.drop_table_fkeys($1::text::regclass)",
+            &[&dest],
+        )
+        .ctx(|| format!("cannot drop the foreign keys of {dest} for the copy"))?
+        .get(0);
+    if dropped > 0 {
+        log::info!(
+            "{dest}: {dropped} foreign key(s) dropped for the copy; restored when all tables are in sync"
+        );
+    }
     if !skip_truncate {
         ltx.batch_execute(&format!("TRUNCATE ONLY {dest} CASCADE"))
             .ctx(|| format!("cannot truncate {dest}"))?;
@@ -273,7 +285,7 @@ fn full_copy(
     );
     let _ = local.batch_execute(&format!("ANALYZE {dest}"));
     // Make the next tick come now: the hand-over waits for ticks on idle queues.
-    let _ = src.query_one("SELECT pgq.force_tick($1)", &[queue]);
+    let _ = src.query("SELECT pgq.force_tick(queue_name) FROM pgq.queue WHERE queue_name = $1 AND NOT queue_external_ticker", &[queue]);
     Ok(())
 }
 
@@ -316,7 +328,13 @@ fn catch_up(
             .ctx(|| "cannot read node position".into())?
             .get(0);
         let main = main.unwrap_or(0);
-        if copy_tick == main {
+        // Hand over only once no later batch can hold a transaction the copy
+        // saw: then the worker needs no filter, which matters because its events
+        // may come from another node (a branch) whose txids differ from the copy
+        // source's.
+        let settled = copy_tick == main
+            && crate::worker::tick_snapshot(src, queue, copy_tick)?.xmin >= snapshot.xmax;
+        if settled {
             let mut tx = local
                 .transaction()
                 .ctx(|| "cannot begin hand-over".into())?;
@@ -329,7 +347,8 @@ fn catch_up(
                 .get(0);
             if pos == Some(copy_tick) {
                 tx.execute(
-                    "UPDATE londiste.table_info SET merge_state = 'ok', copy_tick = NULL WHERE queue_name = $1 AND table_name = $2",
+                    "UPDATE londiste.table_info SET merge_state = 'ok', copy_tick = NULL, custom_snapshot = NULL
+                      WHERE queue_name = $1 AND table_name = $2",
                     &[&queue, &table],
                 )
                 .ctx(|| "cannot hand the table over".into())?;
@@ -344,12 +363,12 @@ fn catch_up(
             continue;
         }
         if copy_tick > main {
-            // The worker is behind the copy's start; it will get here.
+            // The worker is behind the copy; it will get here.
             std::thread::sleep(Duration::from_millis(50));
             continue;
         }
         let Some(batch) = next_batch(src, queue, consumer, None)? else {
-            let _ = src.query_one("SELECT pgq.force_tick($1)", &[&queue]);
+            let _ = src.query("SELECT pgq.force_tick(queue_name) FROM pgq.queue WHERE queue_name = $1 AND NOT queue_external_ticker", &[&queue]);
             std::thread::sleep(Duration::from_millis(50));
             continue;
         };

@@ -48,17 +48,21 @@ pub fn check_not_running(path: &Path) -> Result<()> {
     }
 }
 
+/// The pidfile's directory must exist: say so plainly rather than fail to open it.
+pub fn check_pidfile_dir(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Err(Error::Config(format!(
+            "pidfile directory {} does not exist; create it or change pidfile",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl PidFile {
     /// Takes the pidfile for this process; fails if a live instance holds it.
     pub fn acquire(path: &Path) -> Result<PidFile> {
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() && !dir.exists() {
-                return Err(Error::Config(format!(
-                    "pidfile directory {} does not exist; create it or change pidfile",
-                    dir.display()
-                )));
-            }
-        }
+        check_pidfile_dir(path)?;
         let old = read_pid(path);
         let f = OpenOptions::new()
             .read(true)
@@ -78,21 +82,21 @@ impl PidFile {
                 )));
             }
         };
-        if let Some(p) = old {
-            if p != std::process::id() as i32 {
-                if alive(p) {
-                    log::warn!(
-                        "pidfile {} named pid {}, which does not hold it; taking over",
-                        path.display(),
-                        p
-                    );
-                } else {
-                    log::info!(
-                        "stale pidfile {} (pid {} is gone); taking over",
-                        path.display(),
-                        p
-                    );
-                }
+        if let Some(p) = old
+            && p != std::process::id() as i32
+        {
+            if alive(p) {
+                log::warn!(
+                    "pidfile {} named pid {}, which does not hold it; taking over",
+                    path.display(),
+                    p
+                );
+            } else {
+                log::info!(
+                    "stale pidfile {} (pid {} is gone); taking over",
+                    path.display(),
+                    p
+                );
             }
         }
         lock.set_len(0)

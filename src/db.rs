@@ -17,17 +17,17 @@ pub fn redact(connstr: &str) -> String {
     }
     let s = out.join(" ");
     // URI form: postgres://user:secret@host/db
-    if let Some(scheme_end) = s.find("://") {
-        if let Some(at) = s[scheme_end + 3..].find('@') {
-            let cred = &s[scheme_end + 3..scheme_end + 3 + at];
-            if let Some(colon) = cred.find(':') {
-                return format!(
-                    "{}{}:***{}",
-                    &s[..scheme_end + 3],
-                    &cred[..colon],
-                    &s[scheme_end + 3 + at..]
-                );
-            }
+    if let Some(scheme_end) = s.find("://")
+        && let Some(at) = s[scheme_end + 3..].find('@')
+    {
+        let cred = &s[scheme_end + 3..scheme_end + 3 + at];
+        if let Some(colon) = cred.find(':') {
+            return format!(
+                "{}{}:***{}",
+                &s[..scheme_end + 3],
+                &cred[..colon],
+                &s[scheme_end + 3 + at..]
+            );
         }
     }
     s

@@ -16,8 +16,8 @@ const LONDISTE_SQL: &str = include_str!("sql/londiste.sql");
 
 /// Bump when a script changes; an older installed version is upgraded by
 /// re-running the (idempotent) script.
-pub const PGQ_VERSION: i32 = 1;
-pub const LONDISTE_VERSION: i32 = 1;
+pub const PGQ_VERSION: i32 = 2;
+pub const LONDISTE_VERSION: i32 = 3;
 
 const LOCK_KEY: i64 = 0x6c6f_6e64_6973; // "londis"
 
@@ -86,4 +86,21 @@ pub fn install_all(c: &mut Client) -> Result<bool> {
     let a = install_pgq(c)?;
     let b = install_component(c, "londiste", LONDISTE_SQL, LONDISTE_VERSION)?;
     Ok(a || b)
+}
+
+/// Upgrades what is installed and older than this binary; installs nothing new.
+/// Workers and commands call it on connect, so a new binary brings its SQL along.
+pub fn upgrade_if_installed(c: &mut Client) -> Result<()> {
+    for (component, sql, version) in [
+        ("pgq", PGQ_SQL, PGQ_VERSION),
+        ("londiste", LONDISTE_SQL, LONDISTE_VERSION),
+    ] {
+        if let Some(v) = installed_version(c, component)?
+            && v < version
+            && install_component(c, component, sql, version)?
+        {
+            log::info!("upgraded the {component} schema from version {v} to {version}");
+        }
+    }
+    Ok(())
 }

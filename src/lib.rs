@@ -4,7 +4,7 @@
 //! Modules by role: `cli` (command line), `config`, `supervisor` (process, threads,
 //! reload), `daemon` (pidfile, fork, -s/-k/-r), `signals`, `logging`, `ticker`
 //! (pgqd mode), `worker` (root/branch/leaf), `copy` (initial copy and merge),
-//! `apply` (set-based apply), `admin` and `status` (commands), `install` and
+//! `apply` (set-based apply), `admin`, `status` and `repair` (commands), `install` and
 //! `sql/` (the SQL layer), `record` (text formats), `db`, `error`.
 
 pub mod admin;
@@ -19,6 +19,7 @@ pub mod install;
 pub mod logging;
 pub mod node;
 pub mod record;
+pub mod repair;
 pub mod samples;
 pub mod signals;
 pub mod status;

@@ -151,12 +151,11 @@ pub fn configure(logfile: Option<&Path>, stderr: bool) -> std::io::Result<()> {
 pub fn configure_syslog(enabled: bool, ident: &str, facility: &str) {
     let mut s = sinks().lock();
     s.syslog = None;
-    if enabled {
-        if let Ok(sock) = UnixDatagram::unbound() {
-            if sock.connect("/dev/log").is_ok() {
-                s.syslog = Some((sock, ident.to_string(), facility_code(facility)));
-            }
-        }
+    if enabled
+        && let Ok(sock) = UnixDatagram::unbound()
+        && sock.connect("/dev/log").is_ok()
+    {
+        s.syslog = Some((sock, ident.to_string(), facility_code(facility)));
     }
 }
 

@@ -80,6 +80,7 @@ pub struct TableState {
     pub copy_bytes: Option<i64>,
     pub copy_estimate: Option<i64>,
     pub copy_seconds: Option<f64>,
+    pub key_columns: Option<Vec<String>>,
 }
 
 pub fn tables<C: GenericClient>(c: &mut C, queue: &str) -> Result<Vec<TableState>> {
@@ -87,7 +88,7 @@ pub fn tables<C: GenericClient>(c: &mut C, queue: &str) -> Result<Vec<TableState
         .query(
             "SELECT table_name, dest_table, local, merge_state, custom_snapshot, copy_tick, skip_truncate,
                     copy_rows, copy_bytes, copy_estimate,
-                    extract(epoch FROM coalesce(copy_finished, now()) - copy_started)::float8
+                    extract(epoch FROM coalesce(copy_finished, now()) - copy_started)::float8, key_columns
                FROM londiste.table_info WHERE queue_name = $1 ORDER BY table_name",
             &[&queue],
         )
@@ -106,6 +107,7 @@ pub fn tables<C: GenericClient>(c: &mut C, queue: &str) -> Result<Vec<TableState
             copy_bytes: r.get(8),
             copy_estimate: r.get(9),
             copy_seconds: r.get(10),
+            key_columns: r.get(11),
         })
         .collect())
 }

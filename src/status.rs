@@ -243,7 +243,7 @@ fn checksum(
     Ok((r.get(0), r.get(1)))
 }
 
-fn columns(c: &mut impl postgres::GenericClient, table: &str) -> Result<Vec<String>> {
+pub fn columns(c: &mut impl postgres::GenericClient, table: &str) -> Result<Vec<String>> {
     let rows = c
         .query(
             "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
@@ -266,10 +266,19 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let ploc = me.provider_location.clone().unwrap_or_default();
     let mut p = remote(cfg, &ploc)?;
     let mut ticker = remote(cfg, &ploc)?;
+    let wanted = crate::admin::canonical_names(args)?;
     let tables: Vec<node::TableState> = node::tables(&mut local, &cfg.queue_name)?
         .into_iter()
-        .filter(|t| t.local && (args.is_empty() || args.iter().any(|a| a == &t.table_name)))
+        .filter(|t| t.local && (args.is_empty() || wanted.contains(&t.table_name)))
         .collect();
+    if let Some(w) = wanted
+        .iter()
+        .find(|w| !tables.iter().any(|t| &&t.table_name == w))
+    {
+        return Err(Error::Other(format!(
+            "table {w} is not replicated on this node (see the tables command)"
+        )));
+    }
     let mut differ = 0;
     for t in tables {
         if t.merge_state.as_deref() != Some("ok") {
@@ -286,28 +295,7 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
         let mut tx = p
             .transaction()
             .ctx(|| "cannot begin on the provider".into())?;
-        tx.batch_execute(&format!(
-            "SET LOCAL lock_timeout = '{}ms'",
-            cfg.lock_timeout.as_millis()
-        ))
-        .ctx(|| "cannot set lock_timeout".into())?;
-        tx.batch_execute(&format!("LOCK TABLE {src} IN SHARE MODE"))
-            .ctx(|| format!("cannot lock {src} on the provider (busy? raise lock_timeout)"))?;
-        // A tick after the lock covers every committed change of the table.
-        let tick = force_new_tick(&mut ticker, &cfg.queue_name)?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let n = node::require(&mut local, &cfg.queue_name, "londiste-rs CONFIG")?;
-            if n.last_tick_id.unwrap_or(0) >= tick {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(Error::Other(format!(
-                    "this node did not reach tick {tick} within 120s; is its worker running?"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        lock_and_sync(cfg, &mut tx, &mut ticker, &mut local, &src)?;
         let scols = columns(&mut tx, &src)?;
         let dcols = columns(&mut local, &dest)?;
         let common: Vec<String> = scols
@@ -336,6 +324,39 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Brings the provider's table and this node to the same point: lock the table
+/// on the provider (writes to it wait, up to lock_timeout), make a tick that
+/// covers every committed change, and wait until this node has applied it.
+pub fn lock_and_sync(
+    cfg: &WorkerConfig,
+    tx: &mut postgres::Transaction,
+    ticker: &mut Client,
+    local: &mut Client,
+    src: &str,
+) -> Result<()> {
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        cfg.lock_timeout.as_millis()
+    ))
+    .ctx(|| "cannot set lock_timeout".into())?;
+    tx.batch_execute(&format!("LOCK TABLE {src} IN SHARE MODE"))
+        .ctx(|| format!("cannot lock {src} on the provider (busy? raise lock_timeout)"))?;
+    let tick = force_new_tick(ticker, &cfg.queue_name)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let n = node::require(local, &cfg.queue_name, "londiste-rs CONFIG")?;
+        if n.last_tick_id.unwrap_or(0) >= tick {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Other(format!(
+                "this node did not reach tick {tick} within 120s; is its worker running?"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Makes a tick now (when this process may tick the queue) or waits for the

@@ -146,24 +146,27 @@ pub fn run(jobs: Jobs, daemonize: bool, quiet: bool) -> Result<()> {
             "Daemon needs pidfile: set pidfile in the config file to use -d".into(),
         ));
     }
-    if let Some(p) = &set.logfile {
-        if let Some(dir) = p.parent() {
-            if !dir.as_os_str().is_empty() && !dir.is_dir() {
-                return Err(Error::Config(format!(
-                    "logfile directory {} does not exist; create it or change logfile",
-                    dir.display()
-                )));
-            }
-        }
+    if let Some(p) = &set.logfile
+        && let Some(dir) = p.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.is_dir()
+    {
+        return Err(Error::Config(format!(
+            "logfile directory {} does not exist; create it or change logfile",
+            dir.display()
+        )));
     }
-    if daemonize {
-        if let Some(p) = &set.pidfile {
-            daemon::check_not_running(p)?;
-        }
-        daemon::daemonize()?;
+    // Everything that can fail is checked before daemonizing, while errors still
+    // reach the terminal: after the fork they would only reach the log.
+    if let Some(p) = &set.pidfile {
+        daemon::check_pidfile_dir(p)?;
+        daemon::check_not_running(p)?;
     }
     logging::configure(set.logfile.as_deref(), !daemonize && !quiet)
         .map_err(|e| Error::Config(e.to_string()))?;
+    if daemonize {
+        daemon::daemonize()?;
+    }
     if let Some(j) = set.jobs.first() {
         let c = j.common();
         logging::configure_syslog(c.syslog, &c.syslog_ident, &c.syslog_facility);

@@ -132,10 +132,10 @@ impl Ticker {
             }
             let mut ticked = Vec::new();
             for db in self.dbs.values_mut() {
-                if let Some(n) = step(&self.cfg, db, &mut self.stats) {
-                    if n > 0 {
-                        ticked.push(db.name.clone());
-                    }
+                if let Some(n) = step(&self.cfg, db, &mut self.stats)
+                    && n > 0
+                {
+                    ticked.push(db.name.clone());
                 }
             }
             if let Some(tx) = &self.notify {

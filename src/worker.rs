@@ -237,6 +237,7 @@ impl Worker {
                 &self.cfg.db,
                 &format!("londiste-rs {}", self.cfg.common.job_name),
             )?;
+            crate::install::upgrade_if_installed(&mut c)?;
             self.replica_mode = prepare_apply_session(&mut c)?;
             self.local = Some(c);
         }
@@ -321,10 +322,10 @@ impl Worker {
 
     fn record_error(&mut self, msg: &str) {
         let q = self.cfg.queue_name.clone();
-        if let Ok(c) = self.local() {
-            if let Err(e) = node::set_error(c, &q, Some(msg)) {
-                log::debug!("cannot record error: {e}");
-            }
+        if let Ok(c) = self.local()
+            && let Err(e) = node::set_error(c, &q, Some(msg))
+        {
+            log::debug!("cannot record error: {e}");
         }
     }
 
@@ -377,11 +378,11 @@ impl Worker {
             if let Some(c) = self.poll_control(ctl)? {
                 return Ok(Some(c));
             }
-            if let Some(t) = ticks {
-                if t.try_recv().is_ok() {
-                    while t.try_recv().is_ok() {}
-                    return Ok(None);
-                }
+            if let Some(t) = ticks
+                && t.try_recv().is_ok()
+            {
+                while t.try_recv().is_ok() {}
+                return Ok(None);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -602,14 +603,14 @@ impl Worker {
             // Copy snapshots stop mattering once every transaction they saw is
             // visible in this tick: later batches cannot hold such events.
             for t in &states {
-                if let (Some(s), Some("ok")) = (&t.custom_snapshot, t.merge_state.as_deref()) {
-                    if Snapshot::parse(s)?.xmax <= cur_snap.xmin {
-                        tx.execute(
+                if let (Some(s), Some("ok")) = (&t.custom_snapshot, t.merge_state.as_deref())
+                    && Snapshot::parse(s)?.xmax <= cur_snap.xmin
+                {
+                    tx.execute(
                             "UPDATE londiste.table_info SET custom_snapshot = NULL WHERE queue_name = $1 AND table_name = $2",
                             &[&queue, &t.table_name],
                         )
                         .ctx(|| "cannot clear copy snapshot".into())?;
-                    }
                 }
             }
             tx.execute(
@@ -624,20 +625,21 @@ impl Worker {
         })();
         self.provider = Some(provider);
         self.local = Some(local);
-        if let Err(e) = &res {
-            if matches!(e, Error::Db(_) | Error::Other(_)) && !self.applier.single {
-                // Run the batch again one event per statement, to name the event.
-                log::warn!(
-                    "batch {} failed ({}); retrying event by event to find the event",
-                    batch.id,
-                    e
-                );
-                self.applier.single = true;
-                self.applier.reset();
-                let again = self.apply_batch(node, batch, ctl);
-                self.applier.single = false;
-                return again;
-            }
+        if let Err(e) = &res
+            && matches!(e, Error::Db(_) | Error::Other(_))
+            && !self.applier.single
+        {
+            // Run the batch again one event per statement, to name the event.
+            log::warn!(
+                "batch {} failed ({}); retrying event by event to find the event",
+                batch.id,
+                e
+            );
+            self.applier.single = true;
+            self.applier.reset();
+            let again = self.apply_batch(node, batch, ctl);
+            self.applier.single = false;
+            return again;
         }
         res
     }
@@ -652,15 +654,22 @@ impl Worker {
             .collect();
         for t in finished {
             let c = self.copies.remove(&t).unwrap();
-            if let Ok(Err(e)) = c.handle.join() {
-                if !matches!(e, Error::Stopped) {
-                    self.copy_retry_at
-                        .insert(t.clone(), Instant::now() + Duration::from_secs(5));
-                }
+            if let Ok(Err(e)) = c.handle.join()
+                && !matches!(e, Error::Stopped)
+            {
+                self.copy_retry_at
+                    .insert(t.clone(), Instant::now() + Duration::from_secs(5));
             }
         }
         let queue = node.queue_name.clone();
         let states = node::tables(self.local()?, &queue)?;
+        if self.copies.is_empty()
+            && states
+                .iter()
+                .all(|t| !t.local || t.merge_state.as_deref() == Some("ok"))
+        {
+            self.restore_fkeys()?;
+        }
         for t in states {
             if !t.local
                 || t.merge_state.as_deref() == Some("ok")
@@ -687,6 +696,30 @@ impl Worker {
             let handle = crate::thread::spawn(&name, move || copy::run(&cfg, &table, &st));
             self.copies
                 .insert(t.table_name.clone(), CopyHandle { handle, stop });
+        }
+        Ok(())
+    }
+}
+
+impl Worker {
+    /// Puts back the foreign keys dropped for copies, once nothing is copying.
+    fn restore_fkeys(&mut self) -> Result<()> {
+        let c = self.local()?;
+        let rows = c
+            .query(
+                "SELECT from_table, fkey_name FROM londiste.pending_fkeys ORDER BY dropped_at",
+                &[],
+            )
+            .ctx(|| "cannot read pending foreign keys".into())?;
+        for r in rows {
+            let (t, n): (String, String) = (r.get(0), r.get(1));
+            match c.query_one("SELECT londiste.restore_table_fkey($1, $2)", &[&t, &n]) {
+                Ok(_) => log::info!("foreign key {n} on {t} restored"),
+                Err(e) => log::warn!(
+                    "cannot restore foreign key {n} on {t}: {}; will try again",
+                    crate::error::pg_message(&e)
+                ),
+            }
         }
         Ok(())
     }

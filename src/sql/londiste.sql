@@ -136,3 +136,85 @@ RETURNS SETOF record LANGUAGE sql STABLE AS $$
                           AND s.seq_name = quote_ident(n.nspname) || '.' || quote_ident(c.relname))
      ORDER BY 1, 2
 $$;
+
+-- Foreign keys to and from a table being copied are dropped for the copy (a COPY
+-- or TRUNCATE would trip over or cascade through them) and restored, NOT VALID
+-- then VALIDATE, once every table of the node is in sync.
+CREATE TABLE IF NOT EXISTS londiste.pending_fkeys (
+    from_table text NOT NULL,
+    fkey_name text NOT NULL,
+    fkey_def text NOT NULL,
+    dropped_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (from_table, fkey_name)
+);
+
+CREATE OR REPLACE FUNCTION londiste.drop_table_fkeys(i_table regclass) RETURNS int4
+LANGUAGE plpgsql AS $$
+DECLARE
+    fk record;
+    n int4 := 0;
+BEGIN
+    FOR fk IN SELECT c.conrelid::regclass::text AS from_table, c.conname::text AS name, pg_get_constraintdef(c.oid) AS def
+                FROM pg_constraint c
+               WHERE c.contype = 'f' AND (c.conrelid = i_table OR c.confrelid = i_table) LOOP
+        INSERT INTO londiste.pending_fkeys (from_table, fkey_name, fkey_def) VALUES (fk.from_table, fk.name, fk.def)
+        ON CONFLICT (from_table, fkey_name) DO UPDATE SET fkey_def = EXCLUDED.fkey_def;
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', fk.from_table, fk.name);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION londiste.restore_table_fkey(i_from_table text, i_name text) RETURNS int4
+LANGUAGE plpgsql AS $$
+DECLARE fk londiste.pending_fkeys;
+BEGIN
+    SELECT * INTO fk FROM londiste.pending_fkeys WHERE from_table = i_from_table AND fkey_name = i_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    IF to_regclass(fk.from_table) IS NOT NULL THEN
+        EXECUTE format('ALTER TABLE %s ADD CONSTRAINT %I %s NOT VALID', fk.from_table, fk.fkey_name, fk.fkey_def);
+        EXECUTE format('ALTER TABLE %s VALIDATE CONSTRAINT %I', fk.from_table, fk.fkey_name);
+    END IF;
+    DELETE FROM londiste.pending_fkeys WHERE from_table = i_from_table AND fkey_name = i_name;
+    RETURN 1;
+END $$;
+
+-- Replicated tables on branches and leaves refuse local writes: they would be
+-- silently overwritten or diverge. The worker (londiste.replay = on, or replica
+-- mode) passes; so does a session that sets londiste.replay itself, on purpose.
+CREATE OR REPLACE FUNCTION londiste.deny_trigger() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF coalesce(current_setting('londiste.replay', true), '') = 'on'
+       OR current_setting('session_replication_role') <> 'origin' THEN
+        RETURN NULL;
+    END IF;
+    RAISE EXCEPTION 'table %.% is replicated into this node from queue % (% refused)', TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_ARGV[0], TG_OP
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'write on the root node; to change the replica on purpose, SET londiste.replay = on first';
+END $$;
+
+CREATE OR REPLACE FUNCTION londiste.deny_trigger_name(i_queue_name text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$ SELECT left('_londiste_deny_' || i_queue_name, 63) $$;
+
+CREATE OR REPLACE FUNCTION londiste.deny_create(i_queue_name text, i_table regclass) RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM londiste.deny_drop(i_queue_name, i_table);
+    EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION londiste.deny_trigger(%L)',
+                   londiste.deny_trigger_name(i_queue_name), i_table, i_queue_name);
+    RETURN londiste.deny_trigger_name(i_queue_name);
+END $$;
+
+CREATE OR REPLACE FUNCTION londiste.deny_drop(i_queue_name text, i_table regclass) RETURNS int4
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM pg_trigger WHERE tgrelid = i_table AND tgname = londiste.deny_trigger_name(i_queue_name);
+    IF FOUND THEN
+        EXECUTE format('DROP TRIGGER %I ON %s', londiste.deny_trigger_name(i_queue_name), i_table);
+        RETURN 1;
+    END IF;
+    RETURN 0;
+END $$;

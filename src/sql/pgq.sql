@@ -119,26 +119,6 @@ BEGIN
     RETURN cur;
 END $$;
 
--- The snapshot a tick records. txid_current_snapshot() leaves the calling
--- transaction itself out of xip, so when it already has a txid below xmax (other
--- transactions started later and finished first) its own events would count as
--- committed before the tick, and the batch starting at that tick would skip them.
--- A tick taken in the same transaction as events (create_queue + INSERT, or a
--- ticker call after writes) must instead see them as still running.
-CREATE OR REPLACE FUNCTION pgq._tick_snapshot() RETURNS txid_snapshot
-LANGUAGE plpgsql AS $$
-DECLARE
-    s txid_snapshot := txid_current_snapshot();
-    me bigint := txid_current_if_assigned();
-BEGIN
-    IF me IS NULL OR NOT txid_visible_in_snapshot(me, s) THEN
-        RETURN s;
-    END IF;
-    RETURN (least(txid_snapshot_xmin(s), me) || ':' || txid_snapshot_xmax(s) || ':' ||
-            (SELECT string_agg(x::text, ',' ORDER BY x)
-               FROM (SELECT txid_snapshot_xip(s) AS x UNION SELECT me) u))::txid_snapshot;
-END $$;
-
 CREATE OR REPLACE FUNCTION pgq.quote_fqname(i_name text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT AS $$
 DECLARE pos int;
@@ -196,8 +176,8 @@ BEGIN
         EXECUTE format('CREATE INDEX event_%s_%s_txid_idx ON %s_%s (ev_txid)', qid, i, pfx, i);
     END LOOP;
     -- The first tick: consumers register at it.
-    INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq, tick_snapshot)
-    VALUES (qid, nextval(pfx || '_tick_seq'), 0, pgq._tick_snapshot());
+    INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq)
+    VALUES (qid, nextval(pfx || '_tick_seq'), 0);
     RETURN 1;
 END $$;
 
@@ -354,8 +334,7 @@ BEGIN
         cur_seq := pgq.seq_getval(q.queue_event_seq);
     END IF;
     res := nextval(q.queue_tick_seq);
-    INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq, tick_snapshot)
-    VALUES (q.queue_id, res, cur_seq, pgq._tick_snapshot());
+    INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq) VALUES (q.queue_id, res, cur_seq);
     PERFORM pg_notify('pgq_tick', i_queue_name);
     RETURN res;
 END $$;
