@@ -341,6 +341,24 @@ pub fn canonical_names(args: &[String]) -> Result<Vec<String>> {
         .collect()
 }
 
+/// Is `name` a sequence here? An error if it names something else.
+fn seq_exists(c: &mut Client, name: &str) -> Result<bool> {
+    let kind: Option<String> = c
+        .query_one(
+            "SELECT (SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1))",
+            &[&name],
+        )
+        .ctx(|| format!("cannot look up {name}"))?
+        .get(0);
+    match kind.as_deref() {
+        None => Ok(false),
+        Some("S") => Ok(true),
+        Some(_) => Err(Error::Other(format!(
+            "{name} is not a sequence: add tables with add-table"
+        ))),
+    }
+}
+
 fn table_exists(c: &mut Client, name: &str) -> Result<bool> {
     let r = c
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
@@ -673,6 +691,8 @@ pub fn resync(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
 pub fn add_seq(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let mut c = connect_local(cfg)?;
     let n = node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+    // Subscriber: the provider's sequences and their last published values.
+    let mut provider_seqs: Vec<(String, Option<i64>)> = Vec::new();
     let pool: Vec<String> = if n.is_root() {
         missing(&mut c, &cfg.queue_name)?
             .into_iter()
@@ -683,10 +703,11 @@ pub fn add_seq(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
         let mut p = remote(cfg, n.provider_location.as_deref().unwrap_or(""))?;
         let rows = p
             .query(
-                "SELECT seq_name FROM londiste.seq_info WHERE queue_name = $1 AND local",
+                "SELECT seq_name, last_value FROM londiste.seq_info WHERE queue_name = $1 AND local",
                 &[&cfg.queue_name],
             )
             .ctx(|| "cannot read the provider's sequences".into())?;
+        provider_seqs = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         let have: Vec<String> = c
             .query(
                 "SELECT seq_name FROM londiste.seq_info WHERE queue_name = $1",
@@ -702,7 +723,19 @@ pub fn add_seq(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
             .collect()
     };
     for s in resolve(args, &pool, opts, "sequence")? {
-        if !table_exists(&mut c, &s)? {
+        let published = provider_seqs.iter().find(|(p, _)| *p == s).map(|(_, v)| *v);
+        if !n.is_root() && published.is_none() {
+            let msg = format!(
+                "sequence {s} is not replicated on the provider {}: add it there first (londiste-rs PROVIDER.ini add-seq {s})",
+                db::describe(n.provider_location.as_deref().unwrap_or(""))
+            );
+            if opts.skip_non_existing {
+                log::warn!("{msg}; skipped");
+                continue;
+            }
+            return Err(Error::Other(msg));
+        }
+        if !seq_exists(&mut c, &s)? {
             if opts.create || opts.create_full {
                 c.batch_execute(&format!("CREATE SEQUENCE {s}"))
                     .ctx(|| format!("cannot create sequence {s}"))?;
@@ -721,6 +754,21 @@ pub fn add_seq(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
                 &[&cfg.queue_name, &s],
             )
             .ctx(|| format!("cannot add sequence {s}"))?;
+        // The provider may have published its value before this node added the
+        // sequence (the event then passed by unapplied): catch up with it now.
+        if let Some(Some(v)) = published {
+            c.query_one(
+                "SELECT londiste.seq_push($1::text::regclass, $2)",
+                &[&s, &v],
+            )
+            .ctx(|| format!("cannot move sequence {s} to {v}"))?;
+            c.execute(
+                "UPDATE londiste.seq_info SET last_value = $3 WHERE queue_name = $1 AND seq_name = $2
+                    AND (last_value IS NULL OR last_value < $3)",
+                &[&cfg.queue_name, &s, &v],
+            )
+            .ctx(|| "cannot update seq_info".into())?;
+        }
         log::info!(
             "{} {s}",
             if k == 0 {

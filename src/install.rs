@@ -16,8 +16,8 @@ const LONDISTE_SQL: &str = include_str!("sql/londiste.sql");
 
 /// Bump when a script changes; an older installed version is upgraded by
 /// re-running the (idempotent) script.
-pub const PGQ_VERSION: i32 = 2;
-pub const LONDISTE_VERSION: i32 = 3;
+pub const PGQ_VERSION: i32 = 3;
+pub const LONDISTE_VERSION: i32 = 4;
 
 const LOCK_KEY: i64 = 0x6c6f_6e64_6973; // "londis"
 
@@ -100,6 +100,15 @@ pub fn upgrade_if_installed(c: &mut Client) -> Result<()> {
             && install_component(c, component, sql, version)?
         {
             log::info!("upgraded the {component} schema from version {v} to {version}");
+            if component == "pgq" && installed_version(c, "londiste")?.is_some() {
+                // Capture triggers are generated code: bring them up to date too.
+                install_component(c, "londiste", LONDISTE_SQL, LONDISTE_VERSION)?;
+                let n: i32 = c
+                    .query_one("SELECT londiste.regenerate_capture()", &[])
+                    .ctx(|| "cannot regenerate the capture triggers".into())?
+                    .get(0);
+                log::info!("regenerated the capture triggers of {n} table(s)");
+            }
         }
     }
     Ok(())

@@ -183,9 +183,14 @@ fn read_batch(
 /// Session setup for applying: triggers of ours stay quiet (londiste.replay), and
 /// replica mode when the role may set it (then user triggers and foreign keys do
 /// not fire either, as with Skytools). Returns whether replica mode is on.
+///
+/// Commits are durable whatever the server's default: a batch is finished on
+/// the provider right after the local commit, so an asynchronous commit lost in
+/// a crash of this server would leave the node behind the provider's position
+/// for good ("lost position").
 pub fn prepare_apply_session(c: &mut Client) -> Result<bool> {
-    c.batch_execute("SET londiste.replay = 'on'")
-        .ctx(|| "cannot set londiste.replay".into())?;
+    c.batch_execute("SET londiste.replay = 'on'; SET synchronous_commit = on")
+        .ctx(|| "cannot set londiste.replay and synchronous_commit".into())?;
     Ok(c.batch_execute("SET session_replication_role = 'replica'")
         .is_ok())
 }

@@ -128,8 +128,10 @@ BEGIN
     tx := txid_current();
     ts := now();
     tn := quote_ident(TG_TABLE_SCHEMA) || '.' || quote_ident(TG_TABLE_NAME);
-    cols := pgq._colnames(TG_RELID);
-$p$, q.queue_id);
+    -- The table's OID is a constant here, so this plan is made once per session.
+    SELECT array_agg(attname::text ORDER BY attnum)::text INTO cols FROM pg_catalog.pg_attribute
+     WHERE attrelid = %s::oid AND attnum > 0 AND NOT attisdropped;
+$p$, q.queue_id, i_table::oid);
 
     nokey := $n$
     RAISE EXCEPTION 'table % has no primary key, so OP cannot be replicated', tn

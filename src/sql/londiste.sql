@@ -159,7 +159,8 @@ BEGIN
                WHERE c.contype = 'f' AND (c.conrelid = i_table OR c.confrelid = i_table) LOOP
         INSERT INTO londiste.pending_fkeys (from_table, fkey_name, fkey_def) VALUES (fk.from_table, fk.name, fk.def)
         ON CONFLICT (from_table, fkey_name) DO UPDATE SET fkey_def = EXCLUDED.fkey_def;
-        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', fk.from_table, fk.name);
+        -- IF EXISTS: a parallel copy of the other table may have just dropped it.
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I', fk.from_table, fk.name);
         n := n + 1;
     END LOOP;
     RETURN n;
@@ -217,4 +218,24 @@ BEGIN
         RETURN 1;
     END IF;
     RETURN 0;
+END $$;
+
+-- Re-creates the capture triggers of every table added on a root, after an
+-- upgrade changed how they are generated.
+CREATE OR REPLACE FUNCTION londiste.regenerate_capture() RETURNS int4
+LANGUAGE plpgsql AS $$
+DECLARE
+    t record;
+    n int4 := 0;
+BEGIN
+    FOR t IN SELECT ti.queue_name, ti.table_name, ti.key_columns
+               FROM londiste.table_info ti JOIN londiste.node_info ni ON ni.queue_name = ti.queue_name
+              WHERE ni.node_type = 'root' AND ti.local
+                AND EXISTS (SELECT 1 FROM pg_trigger g
+                             WHERE g.tgrelid = to_regclass(ti.table_name)
+                               AND g.tgname LIKE '\_pgq\_%\_ins') LOOP
+        PERFORM pgq.capture_create(t.queue_name, t.table_name::regclass, t.key_columns, 'capture');
+        n := n + 1;
+    END LOOP;
+    RETURN n;
 END $$;
