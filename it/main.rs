@@ -13,4 +13,5 @@ mod harness_smoke;
 mod crash;
 mod daemon;
 mod pgq;
+mod reload;
 mod tutorial;

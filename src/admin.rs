@@ -287,7 +287,7 @@ fn missing(c: &mut Client, queue: &str) -> Result<Vec<(String, String)>> {
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-fn glob_match(pat: &str, s: &str) -> bool {
+pub fn glob_match(pat: &str, s: &str) -> bool {
     fn m(p: &[char], s: &[char]) -> bool {
         match (p.first(), s.first()) {
             (None, None) => true,

@@ -205,12 +205,31 @@ fn run_pgqd(args: &[String]) -> Result<()> {
             TickerConfig::from_section(&s)
         }
     };
-    let cfg = load()?;
     if let Some(sig) = signal_flag(&c) {
-        daemon::signal_pidfile(cfg.common.pidfile.as_deref(), sig)?;
-        return Ok(());
+        return signal(&[file], &c.sets, sig);
     }
+    load()?;
     supervisor::run(supervisor::Jobs::Ticker(Box::new(load)), c.daemon, c.quiet)
+}
+
+/// -s, -k, -r: only the pidfile is needed. A config that no longer validates
+/// (edited, about to be reloaded) must not stop the signal: its pidfile key is
+/// read from the raw section, and the error is only reported if that fails too.
+fn signal(files: &[PathBuf], sets: &[(String, String)], sig: Signal) -> Result<()> {
+    let err = match supervisor::load_jobs(files, sets) {
+        Ok(set) => return daemon::signal_pidfile(set.pidfile.as_deref(), sig),
+        Err(e) => e,
+    };
+    for f in files {
+        if let Ok(s) =
+            config::load_section(f, &["londiste-rs", "pgqd", "londiste3", "londiste"], sets)
+            && let Some(p) = s.path("pidfile")
+        {
+            log::warn!("{err}; signalling pidfile {} anyway", p.display());
+            return daemon::signal_pidfile(Some(&p), sig);
+        }
+    }
+    Err(err)
 }
 
 fn signal_flag(c: &Common) -> Option<Signal> {
@@ -283,11 +302,10 @@ fn run_londiste(args: &[String]) -> Result<()> {
             WorkerConfig::from_section(&s)
         }
     };
-    let cfg = load()?;
     if let Some(sig) = signal_flag(&c) {
-        daemon::signal_pidfile(cfg.common.pidfile.as_deref(), sig)?;
-        return Ok(());
+        return signal(std::slice::from_ref(&file), &c.sets, sig);
     }
+    let cfg = load()?;
     let Some(cmd) = cmd else {
         return Err(Error::Usage(format!(
             "need a command after the config file\n{LONDISTE_USAGE}"
@@ -392,11 +410,10 @@ fn run_multi(args: &[String]) -> Result<()> {
     logging::init(verbosity(&c));
     let files: Vec<PathBuf> = raw.words.iter().map(PathBuf::from).collect();
     let sets = c.sets.clone();
-    let load = move || supervisor::load_jobs(&files, &sets);
-    let first = load()?;
     if let Some(sig) = signal_flag(&c) {
-        daemon::signal_pidfile(first.pidfile.as_deref(), sig)?;
-        return Ok(());
+        return signal(&files, &c.sets, sig);
     }
+    let load = move || supervisor::load_jobs(&files, &sets);
+    load()?;
     supervisor::run(supervisor::Jobs::Multi(Box::new(load)), c.daemon, c.quiet)
 }

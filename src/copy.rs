@@ -157,7 +157,12 @@ fn full_copy(
         .query_one("SELECT txid_current_snapshot()::text", &[])
         .ctx(|| "cannot take the copy snapshot".into())?
         .get(0);
-    let src_cols = columns(&mut stx, &src_table)?;
+    let src_cols = columns(&mut stx, &src_table).map_err(|e| match e {
+        Error::Db(m) => Error::Other(format!(
+            "cannot copy {table} from the provider: {m}; if it was dropped there, remove it here (londiste-rs CONFIG remove-table {table})"
+        )),
+        other => other,
+    })?;
     let estimate: i64 = stx
         .query_one(
             "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass",

@@ -70,10 +70,32 @@ impl Jobs {
     }
 }
 
-/// Reads job files for `londiste-rs run`: each is a [pgqd] or a [londiste3] job.
+/// Reads the files of `londiste-rs run`: each is a `[pgqd]` job, a `[londiste3]`
+/// (or `[londiste]`) job, or a process file: a `[londiste-rs]` section with
+/// `jobs = FILE...` (globs allowed, relative to that file) and the process's own
+/// `pidfile` and `logfile`. On HUP the files are read again, so jobs added to or
+/// removed from a process file start and stop without a restart.
 pub fn load_jobs(files: &[PathBuf], sets: &[(String, String)]) -> Result<JobSet> {
     let mut jobs: Vec<JobSpec> = Vec::new();
+    let (mut pidfile, mut logfile) = (None, None);
+    let mut job_files: Vec<PathBuf> = Vec::new();
     for f in files {
+        let s = config::load_section(f, &["londiste-rs", "pgqd", "londiste3", "londiste"], sets)?;
+        if s.name == "londiste-rs" && s.values.contains_key("jobs") {
+            s.warn_unknown(&["jobs", "pidfile", "logfile"]);
+            pidfile = pidfile.or(s.path("pidfile"));
+            logfile = logfile.or(s.path("logfile"));
+            let base = f.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+            for pat in s.list("jobs") {
+                job_files.extend(expand(&base, &pat).map_err(|e| {
+                    Error::Config(format!("{}: [londiste-rs] key jobs: {e}", f.display()))
+                })?);
+            }
+        } else {
+            job_files.push(f.clone());
+        }
+    }
+    for f in &job_files {
         let s = config::load_section(f, &["pgqd", "londiste3", "londiste", "londiste-rs"], sets)?;
         let j = if s.name == "pgqd" {
             JobSpec::Ticker(TickerConfig::from_section(&s)?)
@@ -89,13 +111,40 @@ pub fn load_jobs(files: &[PathBuf], sets: &[(String, String)]) -> Result<JobSet>
         }
         jobs.push(j);
     }
-    let pidfile = jobs.iter().find_map(|j| j.common().pidfile.clone());
-    let logfile = jobs.iter().find_map(|j| j.common().logfile.clone());
+    let pidfile = pidfile.or_else(|| jobs.iter().find_map(|j| j.common().pidfile.clone()));
+    let logfile = logfile.or_else(|| jobs.iter().find_map(|j| j.common().logfile.clone()));
     Ok(JobSet {
         pidfile,
         logfile,
         jobs,
     })
+}
+
+/// Expands one `jobs` entry: a path, or a pattern with `*`/`?` in its file name.
+fn expand(base: &std::path::Path, pat: &str) -> std::result::Result<Vec<PathBuf>, String> {
+    let p = base.join(pat);
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !name.contains('*') && !name.contains('?') {
+        if !p.is_file() {
+            return Err(format!("{} does not exist", p.display()));
+        }
+        return Ok(vec![p]);
+    }
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| crate::admin::glob_match(&name, &e.file_name().to_string_lossy()))
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    Ok(out)
 }
 
 struct Running {
