@@ -450,6 +450,32 @@ impl WorkerConfig {
 mod tests {
     use super::*;
 
+    /// Every sample config that ships (printed by --ini, installed as docs) loads
+    /// and validates.
+    #[test]
+    fn shipped_samples_validate() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/conf");
+        let t = load_section(&dir.join("ticker.ini"), &["pgqd"], &[]).unwrap();
+        let tc = TickerConfig::from_section(&t).unwrap();
+        assert_eq!(tc.common.job_name, "ticker");
+        let w = load_section(&dir.join("worker.ini"), &["londiste3", "londiste"], &[]).unwrap();
+        let wc = WorkerConfig::from_section(&w).unwrap();
+        assert_eq!(wc.queue_name, "myqueue");
+        for (k, _) in &w.values {
+            let builtin = [
+                "job_name",
+                "config_name",
+                "service_name",
+                "config_dir",
+                "host_name",
+            ];
+            assert!(
+                WORKER_KEYS.contains(&k.as_str()) || builtin.contains(&k.as_str()),
+                "unknown key {k}"
+            );
+        }
+    }
+
     #[test]
     fn interpolation_and_types() {
         let dir = std::env::temp_dir().join(format!("lrs-cfg-{}", std::process::id()));
