@@ -443,7 +443,7 @@ pub fn add_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()>
         let local_name = dest.clone().unwrap_or_else(|| t.clone());
         if !table_exists(&mut c, &local_name)? {
             if opts.create || opts.create_full {
-                create_from_provider(&mut p, &mut c, &t, &local_name)?;
+                create_from_provider(&mut p, &mut c, &t, &local_name, opts.create_full)?;
             } else if opts.skip_non_existing {
                 log::warn!("table {local_name} does not exist on this node; skipped");
                 continue;
@@ -564,7 +564,13 @@ fn add_root_table(c: &mut Client, cfg: &WorkerConfig, t: &str, opts: &Opts) -> R
 }
 
 /// --create: the table with its columns and primary key, from the provider.
-fn create_from_provider(p: &mut Client, c: &mut Client, src: &str, dest: &str) -> Result<()> {
+fn create_from_provider(
+    p: &mut Client,
+    c: &mut Client,
+    src: &str,
+    dest: &str,
+    full: bool,
+) -> Result<()> {
     let cols = p
         .query(
             "SELECT quote_ident(attname), format_type(atttypid, atttypmod), attnotnull FROM pg_attribute
@@ -597,6 +603,28 @@ fn create_from_provider(p: &mut Client, c: &mut Client, src: &str, dest: &str) -
     c.batch_execute(&sql)
         .ctx(|| format!("cannot create table {dest}"))?;
     log::info!("Created table {dest}");
+    if full {
+        // --create-full: the provider's other indexes too (the copy is faster
+        // without them, but the replica is meant to serve queries).
+        let idx = p
+            .query(
+                "SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = $1::text::regclass AND NOT indisprimary",
+                &[&src],
+            )
+            .ctx(|| format!("cannot read the indexes of {src} on the provider"))?;
+        let src_q = crate::apply::local_name(src, None)?;
+        for r in idx {
+            let def: String = r.get(0);
+            let def = if src_q == crate::apply::local_name(dest, None)? {
+                def
+            } else {
+                def.replace(&format!(" ON {src} "), &format!(" ON {dest} "))
+            };
+            c.batch_execute(&def)
+                .ctx(|| format!("cannot create index: {def}"))?;
+            log::info!("Created index: {def}");
+        }
+    }
     Ok(())
 }
 

@@ -461,7 +461,7 @@ mod tests {
         let w = load_section(&dir.join("worker.ini"), &["londiste3", "londiste"], &[]).unwrap();
         let wc = WorkerConfig::from_section(&w).unwrap();
         assert_eq!(wc.queue_name, "myqueue");
-        for (k, _) in &w.values {
+        for k in w.values.keys() {
             let builtin = [
                 "job_name",
                 "config_name",
