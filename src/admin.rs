@@ -23,6 +23,7 @@ pub struct Opts {
     pub create: bool,
     pub create_full: bool,
     pub dest_table: Option<String>,
+    pub copy_node: Option<String>,
     pub keys: Option<Vec<String>>,
     pub names_only: bool,
     pub count_only: bool,
@@ -466,11 +467,13 @@ pub fn add_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()>
             )));
         }
         let state: Option<&str> = if opts.expect_sync { Some("ok") } else { None };
+        let attrs: Option<String> = opts.copy_node.as_ref().map(|n| format!("copy_node={n}"));
         let mut tx = c.transaction().ctx(|| "cannot begin".into())?;
         tx.execute(
-            "INSERT INTO londiste.table_info (queue_name, table_name, dest_table, local, merge_state, skip_truncate, key_columns)
-             VALUES ($1, $2, $3, true, $4, $5, $6)",
-            &[&cfg.queue_name, &t, &dest, &state, &opts.skip_truncate, &opts.keys],
+            "INSERT INTO londiste.table_info (queue_name, table_name, dest_table, local, merge_state, skip_truncate,
+                                              key_columns, table_attrs)
+             VALUES ($1, $2, $3, true, $4, $5, $6, $7)",
+            &[&cfg.queue_name, &t, &dest, &state, &opts.skip_truncate, &opts.keys, &attrs],
         )
         .ctx(|| format!("cannot add table {t}"))?;
         if !opts.no_triggers {
@@ -839,7 +842,7 @@ pub fn remove_seq(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()
     Ok(())
 }
 
-fn human_state(t: &node::TableState) -> String {
+pub fn human_state(t: &node::TableState) -> String {
     match t.merge_state.as_deref() {
         Some("ok") => "ok".into(),
         Some("in-copy") => {

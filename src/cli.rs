@@ -256,7 +256,7 @@ Node commands:
   wait-sync  wait-provider  wait-root           wait for copies or catch-up
 Table and sequence commands:
   add-table TABLE... | --all  [--create] [--expect-sync] [--skip-truncate]
-            [--dest-table=NAME] [--no-triggers] [--wait-sync] [--skip-non-existing] [--key=COL,...]
+            [--dest-table=NAME] [--copy-node=NODE] [--no-triggers] [--wait-sync] [--skip-non-existing] [--key=COL,...]
   remove-table TABLE... | --all      resync TABLE... | --all
   add-seq SEQ... | --all [--create]  remove-seq SEQ...
   tables [--names-only]  seqs  missing
@@ -371,6 +371,7 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
             "--create" => o.create = true,
             "--create-full" => o.create_full = true,
             "--dest-table" => o.dest_table = v,
+            "--copy-node" => o.copy_node = v,
             "--names-only" => o.names_only = true,
             "--count-only" => o.count_only = true,
             "--apply" => o.apply = true,

@@ -91,7 +91,33 @@ pub fn run(cfg: &WorkerConfig, table: &str, stop: &AtomicBool) -> Result<()> {
         .find(|t| t.table_name == table)
         .ok_or_else(|| Error::Other(format!("table {table} was removed during its copy")))?;
     let dest = local_name(table, state.dest_table.as_deref())?;
-    let src_loc = find_copy_source(cfg, &provider_loc, table)?;
+    // --copy-node: copy from that member instead of the nearest in-sync node.
+    let copy_node = local
+        .query_one(
+            "SELECT substring(table_attrs FROM 'copy_node=([^&]+)') FROM londiste.table_info
+              WHERE queue_name = $1 AND table_name = $2",
+            &[&queue, &table],
+        )
+        .ctx(|| "cannot read table_info".into())?
+        .get::<_, Option<String>>(0);
+    let src_loc = match copy_node {
+        Some(n) => {
+            let loc: Option<String> = local
+                .query_opt(
+                    "SELECT node_location FROM londiste.node_location WHERE queue_name = $1 AND node_name = $2",
+                    &[&queue, &n],
+                )
+                .ctx(|| "cannot read node_location".into())?
+                .map(|r| r.get(0));
+            let loc = loc.ok_or_else(|| {
+                Error::Other(format!(
+                    "--copy-node {n} of {table} is not a member of the set (see members)"
+                ))
+            })?;
+            find_copy_source(cfg, &loc, table)?
+        }
+        None => find_copy_source(cfg, &provider_loc, table)?,
+    };
     let mut src = db::connect(
         &db::with_extra(&src_loc, &cfg.remote_extra_connstr),
         "londiste-rs copy",

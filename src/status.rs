@@ -215,7 +215,7 @@ fn node_lines(
         lines.push(format!(
             "  {}: {}",
             t.table_name,
-            t.merge_state.as_deref().unwrap_or("waiting for copy")
+            crate::admin::human_state(t)
         ));
     }
     Ok((Some(n), lines))
