@@ -417,6 +417,7 @@ impl Worker {
 
     /// One round. Ok(true) if a batch was applied (look again at once).
     fn iteration(&mut self, ctl: &Receiver<Control>) -> Result<bool> {
+        self.maybe_stats();
         let queue = self.cfg.queue_name.clone();
         let node = node::require(self.local()?, &queue, "londiste-rs CONFIG")?;
         self.local()?
