@@ -14,4 +14,5 @@ mod crash;
 mod daemon;
 mod pgq;
 mod reload;
+mod seqs;
 mod tutorial;
