@@ -14,5 +14,6 @@ mod crash;
 mod daemon;
 mod pgq;
 mod reload;
+mod repair;
 mod seqs;
 mod tutorial;
