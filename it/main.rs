@@ -10,9 +10,11 @@ mod harness;
 
 mod harness_smoke;
 
+mod badinput;
 mod crash;
 mod daemon;
 mod pgq;
+mod random;
 mod reload;
 mod repair;
 mod seqs;

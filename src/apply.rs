@@ -321,12 +321,19 @@ impl Applier {
                     src_cols.len()
                 )));
             }
-            let row: Vec<Option<String>> = used.iter().map(|(i, _)| fields[*i].clone()).collect();
+            // Keys are copied (they are small); values are moved, so a huge value
+            // is held once here, not twice.
+            let key: Vec<Option<String>> = if g.kind == Kind::Insert {
+                Vec::new()
+            } else {
+                key_idx.iter().map(|i| fields[*i].clone()).collect()
+            };
+            let mut fields = fields;
+            let row: Vec<Option<String>> = used.iter().map(|(i, _)| fields[*i].take()).collect();
             if g.kind == Kind::Insert {
                 rows.push(row);
                 continue;
             }
-            let key: Vec<Option<String>> = key_idx.iter().map(|i| fields[*i].clone()).collect();
             match by_key.get(&key) {
                 Some(&pos) => rows[pos] = row,
                 None => {

@@ -7,50 +7,43 @@
 use crate::error::{Error, Result};
 
 /// Splits composite text into fields; `None` is SQL NULL (an empty unquoted field).
+/// Works on bytes (every delimiter is ASCII) and copies a field that needs no
+/// unquoting in one piece: this is on the apply hot path, and a huge value is
+/// allocated once, at its exact size.
 pub fn parse_record(s: &str) -> Result<Vec<Option<String>>> {
     let b = s.as_bytes();
     if b.len() < 2 || b[0] != b'(' || b[b.len() - 1] != b')' {
         return Err(Error::Other(format!("malformed row text: {}", preview(s))));
     }
-    let inner = &s[1..s.len() - 1];
+    let inner = &b[1..b.len() - 1];
     let mut out = Vec::new();
-    let mut chars = inner.chars().peekable();
+    let mut i = 0;
     loop {
-        let mut field = String::new();
-        let mut quoted = false;
-        let mut any = false;
-        while let Some(&c) = chars.peek() {
-            match c {
-                ',' if !quoted => break,
-                '"' => {
-                    chars.next();
+        let start = i;
+        let (mut quoted, mut plain, mut any) = (false, true, false);
+        while i < inner.len() {
+            match inner[i] {
+                b',' if !quoted => break,
+                b'"' => {
+                    plain = false;
                     any = true;
-                    if quoted && chars.peek() == Some(&'"') {
-                        chars.next();
-                        field.push('"');
+                    if quoted && inner.get(i + 1) == Some(&b'"') {
+                        i += 1;
                     } else {
                         quoted = !quoted;
                     }
                 }
-                '\\' => {
-                    chars.next();
+                b'\\' => {
+                    plain = false;
                     any = true;
-                    match chars.next() {
-                        Some(e) => field.push(e),
-                        None => {
-                            return Err(Error::Other(format!(
-                                "malformed row text: {}",
-                                preview(s)
-                            )));
-                        }
+                    i += 1;
+                    if i >= inner.len() {
+                        return Err(Error::Other(format!("malformed row text: {}", preview(s))));
                     }
                 }
-                _ => {
-                    chars.next();
-                    any = true;
-                    field.push(c);
-                }
+                _ => any = true,
             }
+            i += 1;
         }
         if quoted {
             return Err(Error::Other(format!(
@@ -58,14 +51,42 @@ pub fn parse_record(s: &str) -> Result<Vec<Option<String>>> {
                 preview(s)
             )));
         }
-        out.push(if any { Some(field) } else { None });
-        match chars.next() {
-            Some(',') => continue,
-            None => break,
-            Some(_) => unreachable!(),
+        let field = &inner[start..i];
+        out.push(match (any, plain) {
+            (false, _) => None,
+            // Slicing at ASCII delimiters keeps UTF-8 valid.
+            (true, true) => Some(s[1 + start..1 + i].to_string()),
+            (true, false) => Some(unquote(field)),
+        });
+        if i >= inner.len() {
+            break;
         }
+        i += 1;
     }
     Ok(out)
+}
+
+/// Removes composite-text quoting: `"..."` groups, `""` inside them, `\x` escapes.
+fn unquote(f: &[u8]) -> String {
+    let mut v = Vec::with_capacity(f.len());
+    let (mut i, mut quoted) = (0, false);
+    while i < f.len() {
+        match f[i] {
+            b'"' if quoted && f.get(i + 1) == Some(&b'"') => {
+                v.push(b'"');
+                i += 1;
+            }
+            b'"' => quoted = !quoted,
+            b'\\' => {
+                i += 1;
+                v.push(f[i]);
+            }
+            c => v.push(c),
+        }
+        i += 1;
+    }
+    // Only ASCII bytes were removed, so the rest is still valid UTF-8.
+    String::from_utf8(v).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// Parses a one-dimensional text array literal of non-NULL elements.

@@ -166,6 +166,9 @@ fn read_batch(
                 extra4: r.get(9),
             })
             .collect();
+        // The events own copies of the values: free the raw rows before the
+        // chunk goes to the applier.
+        drop(rows);
         let last = events.len() < FETCH as usize;
         if out.send(events).is_err() {
             // The applier failed; its error is the one to report.

@@ -295,6 +295,7 @@ DECLARE
     lag interval;
     gap interval;
     res bigint;
+    committed boolean;
 BEGIN
     SELECT * INTO q FROM pgq.queue WHERE queue_name = i_queue_name FOR UPDATE;
     IF NOT FOUND THEN
@@ -308,7 +309,8 @@ BEGIN
     END IF;
     SELECT * INTO last FROM pgq.tick WHERE tick_queue = q.queue_id ORDER BY tick_id DESC LIMIT 1;
     IF FOUND THEN
-        IF txid_snapshot_xmin(last.tick_snapshot) > txid_current() THEN
+        -- (Not txid_current(): that would give every ticker call an xid.)
+        IF txid_snapshot_xmin(last.tick_snapshot) > txid_snapshot_xmax(txid_current_snapshot()) THEN
             RAISE EXCEPTION 'Invalid PgQ state: old xmin > cur txid (queue %); was the database restored from a dump into a new cluster?', i_queue_name;
         END IF;
         cur_seq := pgq.seq_getval(q.queue_event_seq);
@@ -322,12 +324,22 @@ BEGIN
             IF lag < q.queue_ticker_max_lag / 2 THEN
                 RETURN NULL;
             END IF;
-            SELECT tick_time INTO prev_time FROM pgq.tick
-             WHERE tick_queue = q.queue_id AND tick_id < last.tick_id
-             ORDER BY tick_id DESC LIMIT 1;
-            gap := coalesce(last.tick_time - prev_time, '0');
-            IF lag < q.queue_ticker_idle_period AND lag < 2 * gap THEN
-                RETURN NULL;
+            -- No new events, but events of a transaction that was still open at
+            -- the last tick may have committed since (a long or large
+            -- transaction): tick now rather than after the idle backoff.
+            EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE ev_txid >= $1
+                                             AND NOT txid_visible_in_snapshot(ev_txid, $2)
+                                             AND txid_visible_in_snapshot(ev_txid, txid_current_snapshot()))',
+                           q.queue_data_pfx)
+                INTO committed USING txid_snapshot_xmin(last.tick_snapshot), last.tick_snapshot;
+            IF NOT committed THEN
+                SELECT tick_time INTO prev_time FROM pgq.tick
+                 WHERE tick_queue = q.queue_id AND tick_id < last.tick_id
+                 ORDER BY tick_id DESC LIMIT 1;
+                gap := coalesce(last.tick_time - prev_time, '0');
+                IF lag < q.queue_ticker_idle_period AND lag < 2 * gap THEN
+                    RETURN NULL;
+                END IF;
             END IF;
         END IF;
     ELSE
