@@ -50,21 +50,9 @@ pub fn create_root(cfg: &WorkerConfig, name: Option<&str>, location: Option<&str
         .ok_or_else(|| {
             Error::Usage("create-root needs a node name: create-root NAME [CONNSTR]".into())
         })?;
-    let loc = location
-        .map(String::from)
-        .or_else(|| cfg.public_node_location.clone())
-        .unwrap_or_else(|| cfg.db.clone());
-    let mut c = connect_local(cfg)?;
-    install::install_all(&mut c)?;
-    if let Some(n) = node::load(&mut c, &cfg.queue_name)? {
-        log::info!(
-            "Node is already initialized as {} ({})",
-            n.node_name,
-            n.node_type
-        );
+    let Some((loc, mut c)) = prepare_new_node(cfg, location)? else {
         return Ok(());
-    }
-    warn_location(&loc);
+    };
     let mut tx = c.transaction().ctx(|| "cannot begin".into())?;
     tx.query_one("SELECT pgq.create_queue($1)", &[&cfg.queue_name])
         .ctx(|| "cannot create the queue".into())?;
@@ -84,6 +72,30 @@ pub fn create_root(cfg: &WorkerConfig, name: Option<&str>, location: Option<&str
     log::info!("Initialized root node {name} of queue {}", cfg.queue_name);
     log::info!("Done");
     Ok(())
+}
+
+/// Common start of create-*: the public location, the SQL installed, and None
+/// when the database is already a node of the queue (said, and not an error).
+fn prepare_new_node(
+    cfg: &WorkerConfig,
+    location: Option<&str>,
+) -> Result<Option<(String, Client)>> {
+    let loc = location
+        .map(String::from)
+        .or_else(|| cfg.public_node_location.clone())
+        .unwrap_or_else(|| cfg.db.clone());
+    let mut c = connect_local(cfg)?;
+    install::install_all(&mut c)?;
+    if let Some(n) = node::load(&mut c, &cfg.queue_name)? {
+        log::info!(
+            "Node is already initialized as {} ({})",
+            n.node_name,
+            n.node_type
+        );
+        return Ok(None);
+    }
+    warn_location(&loc);
+    Ok(Some((loc, c)))
 }
 
 fn warn_location(loc: &str) {
@@ -120,21 +132,9 @@ pub fn create_subscriber(
                 "create-{kind} needs --provider=CONNSTR (the provider node's connect string)"
             ))
         })?;
-    let loc = location
-        .map(String::from)
-        .or_else(|| cfg.public_node_location.clone())
-        .unwrap_or_else(|| cfg.db.clone());
-    let mut c = connect_local(cfg)?;
-    install::install_all(&mut c)?;
-    if let Some(n) = node::load(&mut c, &cfg.queue_name)? {
-        log::info!(
-            "Node is already initialized as {} ({})",
-            n.node_name,
-            n.node_type
-        );
+    let Some((loc, mut c)) = prepare_new_node(cfg, location)? else {
         return Ok(());
-    }
-    warn_location(&loc);
+    };
     let mut p = remote(cfg, &provider_loc)?;
     let pnode = node::load(&mut p, &cfg.queue_name)?.ok_or_else(|| {
         Error::Other(format!(

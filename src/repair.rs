@@ -105,19 +105,7 @@ pub fn repair(cfg: &WorkerConfig, args: &[String], opts: &Opts, apply: bool) -> 
     fixer
         .batch_execute("SET londiste.replay = 'on'")
         .ctx(|| "cannot set londiste.replay".into())?;
-    let wanted = crate::admin::canonical_names(args)?;
-    let tables: Vec<node::TableState> = node::tables(&mut local, &cfg.queue_name)?
-        .into_iter()
-        .filter(|t| t.local && (args.is_empty() || wanted.contains(&t.table_name)))
-        .collect();
-    if let Some(w) = wanted
-        .iter()
-        .find(|w| !tables.iter().any(|t| &&t.table_name == w))
-    {
-        return Err(Error::Other(format!(
-            "table {w} is not replicated on this node (see the tables command)"
-        )));
-    }
+    let tables = crate::status::selected_tables(&mut local, &cfg.queue_name, args)?;
     let _ = opts;
     let mut total = 0u64;
     for t in tables {

@@ -266,19 +266,7 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let ploc = me.provider_location.clone().unwrap_or_default();
     let mut p = remote(cfg, &ploc)?;
     let mut ticker = remote(cfg, &ploc)?;
-    let wanted = crate::admin::canonical_names(args)?;
-    let tables: Vec<node::TableState> = node::tables(&mut local, &cfg.queue_name)?
-        .into_iter()
-        .filter(|t| t.local && (args.is_empty() || wanted.contains(&t.table_name)))
-        .collect();
-    if let Some(w) = wanted
-        .iter()
-        .find(|w| !tables.iter().any(|t| &&t.table_name == w))
-    {
-        return Err(Error::Other(format!(
-            "table {w} is not replicated on this node (see the tables command)"
-        )));
-    }
+    let tables = crate::status::selected_tables(&mut local, &cfg.queue_name, args)?;
     let mut differ = 0;
     for t in tables {
         if t.merge_state.as_deref() != Some("ok") {
@@ -324,6 +312,29 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The node's replicated tables named on the command line (all when none is
+/// named); a name that is not replicated here is an error.
+pub fn selected_tables(
+    local: &mut Client,
+    queue: &str,
+    args: &[String],
+) -> Result<Vec<node::TableState>> {
+    let wanted = crate::admin::canonical_names(args)?;
+    let tables: Vec<node::TableState> = node::tables(local, queue)?
+        .into_iter()
+        .filter(|t| t.local && (args.is_empty() || wanted.contains(&t.table_name)))
+        .collect();
+    if let Some(w) = wanted
+        .iter()
+        .find(|w| !tables.iter().any(|t| &t.table_name == *w))
+    {
+        return Err(Error::Other(format!(
+            "table {w} is not replicated on this node (see the tables command)"
+        )));
+    }
+    Ok(tables)
 }
 
 /// Brings the provider's table and this node to the same point: lock the table
