@@ -5,7 +5,7 @@
 
 use crate::harness::{Cluster, table_dump, unique_name};
 use londiste_rs::install::install_pgq;
-use londiste_rs::record::{ident, parse_record, parse_text_array};
+use londiste_rs::record::{ident, parse_columns, parse_record, parse_text_array, split_rows};
 use postgres::{Client, NoTls};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -63,16 +63,33 @@ fn take_batch(c: &mut Client, queue: &str, consumer: &str) -> Option<(i64, Vec<E
         )
         .expect("get_batch_events")
         .iter()
-        .map(|r| Ev {
-            batch,
-            id: r.get(0),
-            txid: r.get(1),
-            retry: r.get(2),
-            typ: r.get(3),
-            data: r.get(4),
-            extra1: r.get(5),
-            extra2: r.get(6),
-            extra3: r.get(7),
+        .flat_map(|r| {
+            // A multi-row event ('I*', 'U*', 'D*') stands for one event per row.
+            let typ: String = r.get(3);
+            let data: String = r.get(4);
+            let rows: Vec<String> = if typ.ends_with('*') {
+                split_rows(&data)
+                    .expect("multi-row event data")
+                    .into_iter()
+                    .map(String::from)
+                    .collect()
+            } else {
+                vec![data]
+            };
+            let typ = typ.trim_end_matches('*').to_string();
+            rows.into_iter()
+                .map(|data| Ev {
+                    batch,
+                    id: r.get(0),
+                    txid: r.get(1),
+                    retry: r.get(2),
+                    typ: typ.clone(),
+                    data,
+                    extra1: r.get(5),
+                    extra2: r.get(6),
+                    extra3: r.get(7),
+                })
+                .collect::<Vec<_>>()
         })
         .collect();
     let done: i32 = c
@@ -237,7 +254,10 @@ fn non_superuser_installs_and_replicates() {
         ]
     );
     assert_eq!(evs[0].extra1.as_deref(), Some("public.t"));
-    assert_eq!(evs[0].extra2.as_deref(), Some("{id,v}"));
+    assert_eq!(
+        parse_columns(evs[0].extra2.as_deref().unwrap()).unwrap(),
+        vec!["id", "v"]
+    );
     assert_eq!(evs[0].extra3.as_deref(), Some("{id}"));
     // Rotation and retry maintenance work without superuser too.
     c.batch_execute(
@@ -417,7 +437,8 @@ fn run_load(db: &str, long_tx: bool, rotate: bool) -> LoadResult {
     // (a loaded CI machine may need far longer than a quiet one).
     let want_rot = if rotate { 4 } else { 0 };
     while start.elapsed() < Duration::from_millis(1500)
-        || (rotations.load(Ordering::SeqCst) < want_rot && start.elapsed() < Duration::from_secs(30))
+        || (rotations.load(Ordering::SeqCst) < want_rot
+            && start.elapsed() < Duration::from_secs(30))
     {
         thread::sleep(Duration::from_millis(20));
     }
@@ -507,8 +528,12 @@ fn assert_exactly_once(r: &LoadResult) {
         !r.rolled_back.is_empty(),
         "the test must roll something back"
     );
-    let ids: BTreeSet<i64> = r.events.iter().map(|e| e.id).collect();
-    assert_eq!(ids.len(), r.events.len(), "duplicate ev_id");
+    // Rows of one multi-row event share its ev_id; an event is in one batch only.
+    let mut batch_of: HashMap<i64, i64> = HashMap::new();
+    for e in &r.events {
+        let b = *batch_of.entry(e.id).or_insert(e.batch);
+        assert_eq!(b, e.batch, "event {} delivered in two batches", e.id);
+    }
 }
 
 #[test]
@@ -722,7 +747,7 @@ fn key_change_emits_delete_then_update_and_pkless_update_fails() {
     );
     let odd = &evs[6];
     assert_eq!(
-        parse_text_array(odd.extra2.as_deref().unwrap()).unwrap(),
+        parse_columns(odd.extra2.as_deref().unwrap()).unwrap(),
         vec!["Id", "x,y"]
     );
     assert_eq!(
@@ -947,21 +972,57 @@ fn trigger_round_trips_every_type_family_exactly() {
             .unwrap_or_else(|| panic!("no event for row {id}"));
         parse_record(&e.data).unwrap()
     };
-    assert_eq!(
-        &fields("1")[1..],
-        &fields("6")[1..],
-        "event text depends on the writer's session settings"
-    );
-    // ... because it is written under fixed, exact settings.
-    let f1 = fields("1");
+    // The text is the same whatever the writer's settings, except that a time
+    // with time zone carries the writer's offset: the same instant either way.
+    let cols = parse_columns(evs[0].extra2.as_deref().unwrap()).unwrap();
+    let src_types: HashMap<String, String> = src
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+             WHERE attrelid = 'rt'::regclass AND attnum > 0 AND NOT attisdropped",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    src.batch_execute(EXACT_SETTINGS).unwrap();
+    let (f1, f6) = (fields("1"), fields("6"));
+    for (i, col) in cols.iter().enumerate().skip(1) {
+        if f1[i] == f6[i] {
+            continue;
+        }
+        let t = &src_types[col];
+        assert!(
+            t.contains("with time zone") || t.starts_with("tstz"),
+            "event text of {col} ({t}) depends on the writer's session settings: {:?} vs {:?}",
+            f1[i],
+            f6[i]
+        );
+        let same: bool = src
+            .query_one(
+                &format!("SELECT ($1::text::{t})::text = ($2::text::{t})::text"),
+                &[&f1[i], &f6[i]],
+            )
+            .unwrap()
+            .get(0);
+        assert!(
+            same,
+            "{col}: {:?} and {:?} are different values",
+            f1[i], f6[i]
+        );
+    }
+    // ... because it is written in exact forms.
     assert_eq!(f1[2].as_deref(), Some("-0"), "float8 -0");
     assert_eq!(f1[5].as_deref(), Some(r"\x00ff5c2227225c"), "bytea as hex");
     assert_eq!(f1[6].as_deref(), Some("infinity"));
-    assert_eq!(
-        f1[8].as_deref(),
-        Some("2024-06-01 06:49:56.789+00"),
-        "timestamptz in ISO, UTC"
-    );
+    let ts: bool = src
+        .query_one(
+            "SELECT $1::text::timestamptz = '2024-06-01 06:49:56.789+00'",
+            &[&f1[8]],
+        )
+        .unwrap()
+        .get(0);
+    assert!(ts, "timestamptz with its offset: {:?}", f1[8]);
 
     // A replica with the same table, fed by casting each field's text.
     let dst_db = unique_name("pgq_types_dst");
@@ -983,7 +1044,7 @@ fn trigger_round_trips_every_type_family_exactly() {
         assert_eq!(e.typ, "I");
         assert_eq!(e.extra1.as_deref(), Some("public.rt"));
         assert_eq!(e.extra3.as_deref(), Some("{id}"));
-        let cols = parse_text_array(e.extra2.as_deref().unwrap()).unwrap();
+        let cols = parse_columns(e.extra2.as_deref().unwrap()).unwrap();
         let vals = parse_record(&e.data).unwrap();
         assert_eq!(cols.len(), vals.len(), "{e:?}");
         let names: Vec<String> = cols.iter().map(|c| ident(c)).collect();
@@ -1050,4 +1111,80 @@ fn row_id_str(e: &Ev) -> String {
     parse_record(&e.data).unwrap()[0]
         .clone()
         .unwrap_or_default()
+}
+
+/// Rows of a big statement travel in multi-row events of at most 1000 rows;
+/// the column names follow ALTER TABLE in the writer's own session (whose
+/// plans were made before the change); a renamed table keeps being captured
+/// under the name it was added with.
+#[test]
+fn capture_handles_bulk_statements_ddl_and_rename() {
+    let (_db, mut c) = pgq_db("pgq_ddl");
+    c.batch_execute(
+        "SELECT pgq.create_queue('q');
+         SELECT pgq.register_consumer('q', 'c');
+         CREATE TABLE t (id int PRIMARY KEY, v text);
+         SELECT pgq.capture_create('q', 't'::regclass);",
+    )
+    .unwrap();
+    c.batch_execute("INSERT INTO t SELECT i, 'v' || i FROM generate_series(1, 2500) i")
+        .unwrap();
+    let n_events: i64 = c
+        .query_one("SELECT count(*) FROM pgq.event_1 WHERE ev_type = 'I*'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n_events, 3, "2500 rows make 3 multi-row events");
+    c.batch_execute("UPDATE t SET id = id + 10000 WHERE id <= 1200")
+        .unwrap();
+    let evs = drain(&mut c, "q", "c");
+    let count = |typ: &str| evs.iter().filter(|e| e.typ == typ).count();
+    assert_eq!((count("I"), count("D"), count("U")), (2500, 1200, 1200));
+    let inserted: BTreeSet<i64> = evs.iter().filter(|e| e.typ == "I").map(row_id).collect();
+    assert_eq!(inserted, (1..=2500).collect());
+    let deleted: BTreeSet<i64> = evs.iter().filter(|e| e.typ == "D").map(row_id).collect();
+    assert_eq!(deleted, (1..=1200).collect());
+    let updated: BTreeSet<i64> = evs.iter().filter(|e| e.typ == "U").map(row_id).collect();
+    assert_eq!(updated, (10001..=11200).collect());
+
+    let last = |c: &mut Client| -> (Vec<String>, String, String) {
+        let e = drain(c, "q", "c").pop().expect("an event");
+        (
+            parse_columns(e.extra2.as_deref().unwrap()).unwrap(),
+            e.data,
+            e.extra1.unwrap(),
+        )
+    };
+    c.batch_execute("ALTER TABLE t ADD COLUMN w int; INSERT INTO t VALUES (5000, 'a', 7)")
+        .unwrap();
+    assert_eq!(
+        last(&mut c),
+        (
+            vec!["id".into(), "v".into(), "w".into()],
+            "(5000,a,7)".into(),
+            "public.t".into()
+        )
+    );
+    c.batch_execute(
+        r#"ALTER TABLE t DROP COLUMN v; ALTER TABLE t RENAME COLUMN w TO "odd ""w""";
+           INSERT INTO t VALUES (5001, 8)"#,
+    )
+    .unwrap();
+    assert_eq!(
+        last(&mut c),
+        (
+            vec!["id".into(), "odd \"w\"".into()],
+            "(5001,8)".into(),
+            "public.t".into()
+        )
+    );
+    c.batch_execute("ALTER TABLE t RENAME TO t2; INSERT INTO t2 VALUES (5002, 9)")
+        .unwrap();
+    assert_eq!(
+        last(&mut c),
+        (
+            vec!["id".into(), "odd \"w\"".into()],
+            "(5002,9)".into(),
+            "public.t".into()
+        )
+    );
 }

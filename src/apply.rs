@@ -11,7 +11,9 @@
 //! barriers either way.
 
 use crate::error::{Context, Error, Result};
-use crate::record::{Snapshot, ident, parse_record, parse_text_array, split_qualified};
+use crate::record::{
+    Snapshot, ident, parse_columns, parse_record, parse_text_array, split_qualified, split_rows,
+};
 use postgres::{Statement, Transaction};
 use std::collections::HashMap;
 
@@ -125,9 +127,9 @@ impl Applier {
         let mut last_table: Option<String> = None;
         for ev in events {
             let kind = match ev.ev_type.as_str() {
-                "I" => Some(Kind::Insert),
-                "U" => Some(Kind::Upsert),
-                "D" => Some(Kind::Delete),
+                "I" | "I*" => Some(Kind::Insert),
+                "U" | "U*" => Some(Kind::Upsert),
+                "D" | "D*" => Some(Kind::Delete),
                 "R" => None,
                 _ => {
                     self.flush(tx, &mut order, &mut buckets)?;
@@ -248,7 +250,7 @@ impl Applier {
 
     fn apply_group(&mut self, tx: &mut Transaction, g: &Group) -> Result<()> {
         let meta = self.table_meta(tx, &g.dest)?;
-        let src_cols = parse_text_array(g.cols)?;
+        let src_cols = parse_columns(g.cols)?;
         let key_cols = if g.keys.is_empty() {
             Vec::new()
         } else {
@@ -310,35 +312,43 @@ impl Applier {
             .collect::<Result<_>>()?;
         for ev in &g.events {
             let data = ev.data.as_deref().unwrap_or("");
-            let fields =
-                parse_record(data).map_err(|e| Error::Other(format!("[ev_id={}] {}", ev.id, e)))?;
-            if fields.len() != src_cols.len() {
-                return Err(Error::Other(format!(
-                    "[ev_id={}] event for {} has {} values for {} columns",
-                    ev.id,
-                    g.dest,
-                    fields.len(),
-                    src_cols.len()
-                )));
-            }
-            // Keys are copied (they are small); values are moved, so a huge value
-            // is held once here, not twice.
-            let key: Vec<Option<String>> = if g.kind == Kind::Insert {
-                Vec::new()
+            let texts = if ev.ev_type.ends_with('*') {
+                split_rows(data).map_err(|e| Error::Other(format!("[ev_id={}] {}", ev.id, e)))?
             } else {
-                key_idx.iter().map(|i| fields[*i].clone()).collect()
+                vec![data]
             };
-            let mut fields = fields;
-            let row: Vec<Option<String>> = used.iter().map(|(i, _)| fields[*i].take()).collect();
-            if g.kind == Kind::Insert {
-                rows.push(row);
-                continue;
-            }
-            match by_key.get(&key) {
-                Some(&pos) => rows[pos] = row,
-                None => {
-                    by_key.insert(key, rows.len());
+            for text in texts {
+                let fields = parse_record(text)
+                    .map_err(|e| Error::Other(format!("[ev_id={}] {}", ev.id, e)))?;
+                if fields.len() != src_cols.len() {
+                    return Err(Error::Other(format!(
+                        "[ev_id={}] event for {} has {} values for {} columns",
+                        ev.id,
+                        g.dest,
+                        fields.len(),
+                        src_cols.len()
+                    )));
+                }
+                // Keys are copied (they are small); values are moved, so a huge
+                // value is held once here, not twice.
+                let key: Vec<Option<String>> = if g.kind == Kind::Insert {
+                    Vec::new()
+                } else {
+                    key_idx.iter().map(|i| fields[*i].clone()).collect()
+                };
+                let mut fields = fields;
+                let row: Vec<Option<String>> =
+                    used.iter().map(|(i, _)| fields[*i].take()).collect();
+                if g.kind == Kind::Insert {
                     rows.push(row);
+                    continue;
+                }
+                match by_key.get(&key) {
+                    Some(&pos) => rows[pos] = row,
+                    None => {
+                        by_key.insert(key, rows.len());
+                        rows.push(row);
+                    }
                 }
             }
         }
@@ -423,7 +433,8 @@ impl Applier {
                 Kind::Upsert => "update",
                 Kind::Delete => "delete from",
             };
-            let key = if g.events.len() == 1 && !key_idx.is_empty() {
+            let key = if g.events.len() == 1 && !first.ev_type.ends_with('*') && !key_idx.is_empty()
+            {
                 let fields = parse_record(first.data.as_deref().unwrap_or("")).unwrap_or_default();
                 let kv: Vec<String> = key_cols
                     .iter()

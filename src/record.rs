@@ -66,6 +66,141 @@ pub fn parse_record(s: &str) -> Result<Vec<Option<String>>> {
     Ok(out)
 }
 
+/// The column names of an event (`ev_extra2`): a JSON object whose values are
+/// all null, in column order (what the capture triggers write), or a text[]
+/// literal (older versions). The two never overlap: an array literal's quoted
+/// element is followed by `,` or `}`, never by `:`.
+pub fn parse_columns(s: &str) -> Result<Vec<String>> {
+    match parse_json_null_object(s) {
+        Some(cols) => Ok(cols),
+        None => parse_text_array(s),
+    }
+}
+
+fn parse_json_null_object(s: &str) -> Option<Vec<String>> {
+    let mut it = s.trim().chars().peekable();
+    let skip_ws = |it: &mut std::iter::Peekable<std::str::Chars>| {
+        while it.peek().is_some_and(|c| c.is_ascii_whitespace()) {
+            it.next();
+        }
+    };
+    if it.next()? != '{' {
+        return None;
+    }
+    let mut out = Vec::new();
+    skip_ws(&mut it);
+    if it.peek() == Some(&'}') {
+        it.next();
+        return it.next().is_none().then_some(out);
+    }
+    loop {
+        skip_ws(&mut it);
+        if it.next()? != '"' {
+            return None;
+        }
+        let mut key = String::new();
+        loop {
+            match it.next()? {
+                '"' => break,
+                '\\' => match it.next()? {
+                    'u' => {
+                        let mut cp = json_hex4(&mut it)?;
+                        if (0xD800..0xDC00).contains(&cp) {
+                            if it.next()? != '\\' || it.next()? != 'u' {
+                                return None;
+                            }
+                            let lo = json_hex4(&mut it)?;
+                            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo.checked_sub(0xDC00)?);
+                        }
+                        key.push(char::from_u32(cp)?);
+                    }
+                    'b' => key.push('\u{8}'),
+                    'f' => key.push('\u{c}'),
+                    'n' => key.push('\n'),
+                    'r' => key.push('\r'),
+                    't' => key.push('\t'),
+                    c @ ('"' | '\\' | '/') => key.push(c),
+                    _ => return None,
+                },
+                c => key.push(c),
+            }
+        }
+        skip_ws(&mut it);
+        if it.next()? != ':' {
+            return None;
+        }
+        skip_ws(&mut it);
+        for want in "null".chars() {
+            if it.next()? != want {
+                return None;
+            }
+        }
+        out.push(key);
+        skip_ws(&mut it);
+        match it.next()? {
+            ',' => continue,
+            '}' => return it.next().is_none().then_some(out),
+            _ => return None,
+        }
+    }
+}
+
+fn json_hex4(it: &mut impl Iterator<Item = char>) -> Option<u32> {
+    let mut v = 0;
+    for _ in 0..4 {
+        v = v * 16 + it.next()?.to_digit(16)?;
+    }
+    Some(v)
+}
+
+/// Splits the data of a multi-row event (`I*`, `U*`, `D*`): rows in composite
+/// text, separated by newlines. A newline or parenthesis inside a value is
+/// always within double quotes, so the row ends at the first `)` outside quotes.
+pub fn split_rows(s: &str) -> Result<Vec<&str>> {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'(' {
+            return Err(Error::Other(format!(
+                "malformed multi-row text: {}",
+                preview(&s[i..])
+            )));
+        }
+        let start = i;
+        let mut quoted = false;
+        i += 1;
+        loop {
+            match b.get(i) {
+                None => {
+                    return Err(Error::Other(format!(
+                        "unterminated row in multi-row text: {}",
+                        preview(&s[start..])
+                    )));
+                }
+                Some(b'\\') => i += 1,
+                Some(b'"') => quoted = !quoted,
+                Some(b')') if !quoted => break,
+                _ => {}
+            }
+            i += 1;
+        }
+        i += 1;
+        out.push(&s[start..i]);
+        match b.get(i) {
+            None => break,
+            Some(b'\n') => i += 1,
+            Some(_) => {
+                return Err(Error::Other(format!(
+                    "malformed multi-row text: {}",
+                    preview(&s[start..])
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Removes composite-text quoting: `"..."` groups, `""` inside them, `\x` escapes.
 fn unquote(f: &[u8]) -> String {
     let mut v = Vec::with_capacity(f.len());
@@ -477,5 +612,42 @@ mod tests {
         assert_eq!(fq_name("public", "Order"), r#"public."Order""#);
         assert_eq!(fq_name("public", "order"), r#"public."order""#);
         assert!(split_qualified("a.b.c").is_err());
+    }
+
+    #[test]
+    fn columns_from_json_or_array() {
+        assert_eq!(
+            parse_columns(
+                r#"{"id":null,"odd \"na\\me\"":null,"\u00e9t\u00e9":null,"x:null":null}"#
+            )
+            .unwrap(),
+            vec!["id", "odd \"na\\me\"", "été", "x:null"]
+        );
+        assert_eq!(
+            parse_columns(r#"{ "a" : null, "b" : null }"#).unwrap(),
+            vec!["a", "b"]
+        );
+        assert_eq!(
+            parse_columns(r#"{"\ud83d\ude00":null}"#).unwrap(),
+            vec!["😀"]
+        );
+        // Array literals, including ones that look a bit like JSON.
+        assert_eq!(parse_columns(r#"{id,"a b"}"#).unwrap(), vec!["id", "a b"]);
+        assert_eq!(parse_columns(r#"{"x\":null"}"#).unwrap(), vec!["x\":null"]);
+        assert_eq!(parse_columns("{a:null}").unwrap(), vec!["a:null"]);
+    }
+
+    #[test]
+    fn multi_row_text_splits_at_row_ends() {
+        let s = "(1,\"a)\nb\")\n(2,)\n(3,\"q\\\"\"\"\")";
+        let rows = split_rows(s).unwrap();
+        assert_eq!(rows, vec!["(1,\"a)\nb\")", "(2,)", "(3,\"q\\\"\"\"\")"]);
+        assert_eq!(
+            parse_record(rows[0]).unwrap(),
+            vec![Some("1".into()), Some("a)\nb".into())]
+        );
+        assert_eq!(split_rows("(1)").unwrap(), vec!["(1)"]);
+        assert!(split_rows("(1,\"x)").is_err());
+        assert!(split_rows("(1)x(2)").is_err());
     }
 }

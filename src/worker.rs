@@ -25,8 +25,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Events fetched from the provider per round trip; bounds the worker's memory.
-const FETCH: i64 = 10_000;
+/// Events fetched from the provider per round trip.
+const FETCH: i64 = 1_000;
+/// A chunk handed to the applier closes at this many events or bytes of row
+/// text, whichever comes first: this bounds the worker's memory whether the
+/// events carry one row or a thousand.
+const CHUNK_EVENTS: usize = 10_000;
+const CHUNK_BYTES: usize = 8 << 20;
 
 /// What a batch looked like, from `pgq.next_batch_*`.
 #[derive(Debug, Clone)]
@@ -80,7 +85,7 @@ pub fn tick_snapshot(p: &mut Client, queue: &str, tick: i64) -> Result<Snapshot>
     Snapshot::parse(&row.get::<_, String>(0))
 }
 
-/// Streams a batch's events from the provider in chunks of FETCH and hands each
+/// Streams a batch's events from the provider in chunks (CHUNK_EVENTS, CHUNK_BYTES) and hands each
 /// chunk to `f`. A scoped reader thread fetches the next chunk (in a read
 /// transaction on the provider, through a portal) while `f` applies the current
 /// one, so fetching and applying overlap; at most two chunks are in memory.
@@ -141,6 +146,8 @@ fn read_batch(
     let portal = ptx
         .bind(sql.as_str(), &[])
         .ctx(|| format!("cannot open batch {batch_id}"))?;
+    let mut chunk: Vec<Event> = Vec::new();
+    let mut bytes = 0usize;
     loop {
         if stop() {
             return Err(Error::Stopped);
@@ -148,12 +155,9 @@ fn read_batch(
         let rows = ptx
             .query_portal(&portal, FETCH as i32)
             .ctx(|| format!("cannot fetch events of batch {batch_id}"))?;
-        if rows.is_empty() {
-            break;
-        }
-        let events: Vec<Event> = rows
-            .iter()
-            .map(|r| Event {
+        let last = rows.len() < FETCH as usize;
+        for r in &rows {
+            let ev = Event {
                 id: r.get(0),
                 time: r.get(1),
                 txid: r.get(2),
@@ -164,15 +168,19 @@ fn read_batch(
                 extra2: r.get(7),
                 extra3: r.get(8),
                 extra4: r.get(9),
-            })
-            .collect();
+            };
+            bytes += ev.data.as_ref().map_or(0, |d| d.len());
+            chunk.push(ev);
+        }
         // The events own copies of the values: free the raw rows before the
         // chunk goes to the applier.
         drop(rows);
-        let last = events.len() < FETCH as usize;
-        if out.send(events).is_err() {
-            // The applier failed; its error is the one to report.
-            return Ok(());
+        if (last || chunk.len() >= CHUNK_EVENTS || bytes >= CHUNK_BYTES) && !chunk.is_empty() {
+            bytes = 0;
+            if out.send(std::mem::take(&mut chunk)).is_err() {
+                // The applier failed; its error is the one to report.
+                return Ok(());
+            }
         }
         if last {
             break;

@@ -1,22 +1,29 @@
 -- londiste-rs: capture triggers, part of the pgq component.
 --
--- One event per changed row, written by statement-level AFTER triggers with
--- transition tables: a multi-row statement costs one INSERT ... SELECT into the
--- queue, not one PL/pgSQL call per row. The trigger functions are generated per
+-- Written by statement-level AFTER triggers with transition tables: a statement
+-- costs one INSERT ... SELECT into the queue, not one PL/pgSQL call per row, and
+-- its rows travel in chunks of up to 1000 per event, so a bulk load writes a
+-- thousandth of the event rows. The trigger functions are generated per
 -- (queue, table) so that every statement in them is static SQL with a cached plan.
 --
 -- Event format (documented in londiste-rs(7)):
---   ev_type   'I' insert, 'U' update (upsert of the new row), 'D' delete, 'R' truncate
---   ev_data   the row as PostgreSQL's composite text (the new row for I/U, the old row for D)
+--   ev_type   'I' insert, 'U' update (upsert of the new row), 'D' delete, 'R' truncate;
+--             'I*', 'U*', 'D*': the same for several rows
+--   ev_data   the row as PostgreSQL's composite text (the new row for I/U, the old
+--             row for D); for 'X*' events several rows, separated by newlines (a
+--             newline inside a value is always within double quotes)
 --   ev_extra1 the table, schema-qualified, identifiers quoted where needed
---   ev_extra2 the column names of ev_data, as a text[] literal
+--   ev_extra2 the column names of ev_data, as a JSON object with null values in
+--             column order ({"id":null,"name":null}); older versions wrote a
+--             text[] literal, which consumers still accept
 --   ev_extra3 the key columns, as a text[] literal
 -- An UPDATE that changes key values emits 'D' for each key that vanished, then 'U'
 -- for every new row: the replica's final state is the same whatever the pairing.
--- The row text is produced under fixed DateStyle, IntervalStyle, TimeZone,
--- extra_float_digits, bytea_output and lc_monetary (the functions' SET clauses),
--- so it is exact and reads back the same on the replica whatever the writer's
--- session settings were.
+-- The row text is produced in the canonical forms (DateStyle ISO, IntervalStyle
+-- postgres, extra_float_digits > 0, bytea_output hex and, for tables with money,
+-- lc_monetary C); a session with other settings is switched to them for the
+-- statement. Timestamps with time zone carry their offset, so TimeZone does not
+-- matter. The text reads back exactly on the replica.
 
 CREATE OR REPLACE FUNCTION pgq._colnames(i_rel oid) RETURNS text
 LANGUAGE sql STABLE AS $$
@@ -34,6 +41,49 @@ LANGUAGE sql STABLE AS $$
      WHERE i.indrelid = i_table AND i.indisprimary
 $$;
 
+-- Does a column of the table involve money (directly, in a domain, an array, a
+-- range or a composite)? Its text then depends on lc_monetary.
+CREATE OR REPLACE FUNCTION pgq._type_uses_money(i_table regclass) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE t(oid) AS (
+        SELECT atttypid FROM pg_attribute WHERE attrelid = i_table AND attnum > 0 AND NOT attisdropped
+        UNION
+        SELECT x FROM t JOIN pg_type ty ON ty.oid = t.oid
+         CROSS JOIN LATERAL (
+             SELECT ty.typbasetype WHERE ty.typbasetype <> 0
+             UNION ALL SELECT ty.typelem WHERE ty.typelem <> 0
+             UNION ALL SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = ty.typrelid AND ty.typrelid <> 0 AND a.attnum > 0
+             UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = ty.oid
+             UNION ALL SELECT m.rngtypid FROM pg_range m WHERE m.rngmultitypid = ty.oid
+         ) n(x)
+    )
+    SELECT EXISTS (SELECT 1 FROM t WHERE oid = 'money'::regtype)
+$$;
+
+-- Switch the settings that shape value text to the canonical forms for the rest
+-- of the statement; returns the old values for _capture_settings_leave.
+-- Transaction-local, so an error in between undoes it as well.
+CREATE OR REPLACE FUNCTION pgq._capture_settings_enter() RETURNS text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    old text[] := ARRAY[current_setting('DateStyle'), current_setting('IntervalStyle'),
+                        current_setting('extra_float_digits'), current_setting('bytea_output'),
+                        current_setting('lc_monetary')];
+BEGIN
+    PERFORM set_config('DateStyle', 'ISO, YMD', true), set_config('IntervalStyle', 'postgres', true),
+            set_config('extra_float_digits', '3', true), set_config('bytea_output', 'hex', true),
+            set_config('lc_monetary', 'C', true);
+    RETURN old;
+END $$;
+
+CREATE OR REPLACE FUNCTION pgq._capture_settings_leave(i_old text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('DateStyle', i_old[1], true), set_config('IntervalStyle', i_old[2], true),
+            set_config('extra_float_digits', i_old[3], true), set_config('bytea_output', i_old[4], true),
+            set_config('lc_monetary', i_old[5], true);
+END $$;
+
 CREATE OR REPLACE FUNCTION pgq._capture_fn_name(i_queue_id int4, i_table regclass, i_op text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$ SELECT format('pgq._cap_%s_%s_%s', i_queue_id, i_table::oid, i_op) $$;
 
@@ -50,15 +100,11 @@ DECLARE
     keys text[];
     keylit text;
     tname text;
+    -- SECURITY DEFINER: writers of a captured table need no rights on the queue
+    -- (and so cannot forge events). The fixed search_path keeps that safe.
     settings text := $s$
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET datestyle = 'ISO, YMD'
-SET intervalstyle = 'postgres'
-SET timezone = 'UTC'
-SET extra_float_digits = 3
-SET bytea_output = 'hex'
-SET lc_monetary = 'C'
 $s$;
     prologue text;
     body_i text := '';
@@ -69,8 +115,12 @@ $s$;
     k text;
     i int4;
     slot text;
-    cols text := '(ev_time, ev_txid, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3)';
+    cols text := '(ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3)';
     nokey text;
+    canon text;
+    epilogue text;
+    leave text;
+    colq text;
 BEGIN
     q := pgq._queue(i_queue_name);
     PERFORM pgq.capture_drop(i_queue_name, i_table);
@@ -104,75 +154,104 @@ END $b$$f$, pgq._capture_fn_name(q.queue_id, i_table, 'deny'), settings, tname, 
         SELECT string_agg(format('n.%I = o.%I', x, x), ' AND ') INTO join_cond FROM unnest(keys) x;
     END IF;
 
+    -- Fast path: when the writer's session already prints values in the canonical
+    -- forms (the defaults), the row text is used as is. Otherwise the settings
+    -- are switched for the statement and put back (transaction-local set_config),
+    -- so that exotic sessions pay and ordinary ones do not: SET clauses on the
+    -- function would cost every statement a GUC save and restore.
+    canon := $c$current_setting('DateStyle') LIKE 'ISO%' AND current_setting('IntervalStyle') = 'postgres'
+       AND current_setting('extra_float_digits')::int4 > 0 AND current_setting('bytea_output') = 'hex'$c$;
+    IF pgq._type_uses_money(i_table) THEN
+        canon := canon || $c$ AND current_setting('lc_monetary') = 'C'$c$;
+    END IF;
     prologue := format($p$
 <<cap>>
 DECLARE
     cur int4;
     dis boolean;
-    tx bigint;
-    ts timestamptz;
-    tn text;
-    cols text;
+    saved text[];
+    cj text;
 BEGIN
-    IF coalesce(current_setting('londiste.replay', true), '') = 'on'
+    IF current_setting('londiste.replay', true) = 'on'
        OR current_setting('session_replication_role') = 'local' THEN
         RETURN NULL;
     END IF;
     SELECT queue_cur_table, queue_disable_insert INTO cur, dis FROM pgq.queue WHERE queue_id = %s;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'queue of the capture trigger on %% is gone; drop the trigger or re-add the table', TG_TABLE_NAME;
+        RAISE EXCEPTION 'queue of the capture trigger on %%.%% is gone; drop the trigger or re-add the table', TG_TABLE_SCHEMA, TG_TABLE_NAME;
     END IF;
     IF dis AND current_setting('session_replication_role') <> 'replica' THEN
         RAISE EXCEPTION 'Insert into queue disallowed (table %%.%%)', TG_TABLE_SCHEMA, TG_TABLE_NAME;
     END IF;
-    tx := txid_current();
-    ts := now();
-    tn := quote_ident(TG_TABLE_SCHEMA) || '.' || quote_ident(TG_TABLE_NAME);
-    -- The table's OID is a constant here, so this plan is made once per session.
-    SELECT array_agg(attname::text ORDER BY attnum)::text INTO cols FROM pg_catalog.pg_attribute
-     WHERE attrelid = %s::oid AND attnum > 0 AND NOT attisdropped;
-$p$, q.queue_id, i_table::oid);
+    IF NOT (%s) THEN
+        saved := pgq._capture_settings_enter();
+    END IF;
+    -- The column names, as a JSON object of nulls in column order. Through the
+    -- row type it comes from the relation cache (no catalog query); the
+    -- expression is planned on first use only, so after a rename of the table
+    -- the catalog branch keeps writes working.
+    IF to_regclass(%L) = %s::oid THEN
+        cj := to_json(json_populate_record(NULL::%s, '{}'))::text;
+    ELSE
+        cj := (SELECT json_object_agg(attname, NULL ORDER BY attnum)::text FROM pg_attribute
+                WHERE attrelid = %s::oid AND attnum > 0 AND NOT attisdropped);
+    END IF;
+$p$, q.queue_id, canon, tname, i_table::oid, tname, i_table::oid);
+    leave := E'\n    IF saved IS NOT NULL THEN\n        PERFORM pgq._capture_settings_leave(saved);\n    END IF;\n    RETURN NULL;\nEND';
+    epilogue := E'\n    END IF;' || leave;
+    colq := 'cap.cj';
 
     nokey := $n$
-    RAISE EXCEPTION 'table % has no primary key, so OP cannot be replicated', tn
-        USING HINT = 'add a primary key, or name the key columns: londiste-rs CONFIG add-table TABLE --key=COL[,COL]';
+    RAISE EXCEPTION 'table %.% has no primary key, so OP cannot be replicated', TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING HINT = 'add a primary key, or name the key columns: add-table TABLE --key=COL[,COL]';
 $n$;
 
+    -- Rows go in chunks of up to 1000 per event (type 'I*', 'U*', 'D*', rows
+    -- separated by newlines); a chunk of one row is a plain 'I', 'U' or 'D'
+    -- event. The order of rows inside one statement does not matter: its new
+    -- rows have distinct keys, and the deleted keys are not among them (the
+    -- deletes are still written first, for readers of the queue).
     FOR i IN 0 .. q.queue_ntables - 1 LOOP
         slot := format('%s_%s', q.queue_data_pfx, i);
         body_i := body_i || format($x$
     %s cur = %s THEN
-        INSERT INTO %s %s SELECT cap.ts, cap.tx, 'I', (n.*)::text, cap.tn, cap.cols, %L FROM new_rows n;$x$,
-            CASE WHEN i = 0 THEN 'IF' ELSE 'ELSIF' END, i, slot, cols, keylit);
+        INSERT INTO %s %s
+        SELECT CASE WHEN count(*) = 1 THEN 'I' ELSE 'I*' END, string_agg(s.r, E'\n'), %L, %s, %L
+          FROM (SELECT (n.*)::text AS r, (row_number() OVER () - 1) / 1000 AS g FROM new_rows n) s GROUP BY s.g;$x$,
+            CASE WHEN i = 0 THEN 'IF' ELSE 'ELSIF' END, i, slot, cols, tname, colq, keylit);
         IF keys IS NOT NULL THEN
             body_u := body_u || format($x$
     %s cur = %s THEN
         INSERT INTO %s %s
-        SELECT cap.ts, cap.tx, 'D', (o.*)::text, cap.tn, cap.cols, %L FROM old_rows o
-         WHERE NOT EXISTS (SELECT 1 FROM new_rows n WHERE %s)
-        UNION ALL
-        SELECT cap.ts, cap.tx, 'U', (n.*)::text, cap.tn, cap.cols, %L FROM new_rows n;$x$,
-                CASE WHEN i = 0 THEN 'IF' ELSE 'ELSIF' END, i, slot, cols, keylit, join_cond, keylit);
+        SELECT CASE WHEN count(*) = 1 THEN s.k ELSE s.k || '*' END, string_agg(s.r, E'\n'), %L, %s, %L
+          FROM (SELECT 'D' AS k, (o.*)::text AS r, (row_number() OVER () - 1) / 1000 AS g FROM old_rows o
+                 WHERE NOT EXISTS (SELECT 1 FROM new_rows n WHERE %s)
+                UNION ALL
+                SELECT 'U', (n.*)::text, (row_number() OVER () - 1) / 1000 FROM new_rows n) s
+         GROUP BY s.k, s.g ORDER BY s.k, s.g;$x$,
+                CASE WHEN i = 0 THEN 'IF' ELSE 'ELSIF' END, i, slot, cols, tname, colq, keylit, join_cond);
             body_d := body_d || format($x$
     %s cur = %s THEN
-        INSERT INTO %s %s SELECT cap.ts, cap.tx, 'D', (o.*)::text, cap.tn, cap.cols, %L FROM old_rows o;$x$,
-                CASE WHEN i = 0 THEN 'IF' ELSE 'ELSIF' END, i, slot, cols, keylit);
+        INSERT INTO %s %s
+        SELECT CASE WHEN count(*) = 1 THEN 'D' ELSE 'D*' END, string_agg(s.r, E'\n'), %L, %s, %L
+          FROM (SELECT (o.*)::text AS r, (row_number() OVER () - 1) / 1000 AS g FROM old_rows o) s GROUP BY s.g;$x$,
+                CASE WHEN i = 0 THEN 'IF' ELSE 'ELSIF' END, i, slot, cols, tname, colq, keylit);
         END IF;
         body_r := body_r || format($x$
     %s cur = %s THEN
-        INSERT INTO %s %s VALUES (cap.ts, cap.tx, 'R', '', cap.tn, cap.cols, %L);$x$,
-            CASE WHEN i = 0 THEN 'IF' ELSE 'ELSIF' END, i, slot, cols, keylit);
+        INSERT INTO %s %s VALUES ('R', '', %L, %s, %L);$x$,
+            CASE WHEN i = 0 THEN 'IF' ELSE 'ELSIF' END, i, slot, cols, tname, colq, keylit);
     END LOOP;
-    body_i := body_i || E'\n    END IF;\n    RETURN NULL;\nEND';
-    body_r := body_r || E'\n    END IF;\n    RETURN NULL;\nEND';
+    body_i := body_i || epilogue;
+    body_r := body_r || epilogue;
     IF keys IS NOT NULL THEN
-        body_u := body_u || E'\n    END IF;\n    RETURN NULL;\nEND';
-        body_d := body_d || E'\n    END IF;\n    RETURN NULL;\nEND';
+        body_u := body_u || epilogue;
+        body_d := body_d || epilogue;
     ELSE
         -- Only raise when rows are actually touched: an UPDATE that matches nothing
         -- must not fail.
-        body_u := E'\n    IF EXISTS (SELECT 1 FROM new_rows) THEN' || replace(nokey, 'OP', 'UPDATE') || E'    END IF;\n    RETURN NULL;\nEND';
-        body_d := E'\n    IF EXISTS (SELECT 1 FROM old_rows) THEN' || replace(nokey, 'OP', 'DELETE') || E'    END IF;\n    RETURN NULL;\nEND';
+        body_u := E'\n    IF EXISTS (SELECT 1 FROM new_rows) THEN' || replace(nokey, 'OP', 'UPDATE') || E'    END IF;' || leave;
+        body_d := E'\n    IF EXISTS (SELECT 1 FROM old_rows) THEN' || replace(nokey, 'OP', 'DELETE') || E'    END IF;' || leave;
     END IF;
 
     EXECUTE format('CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql %s AS %L',
