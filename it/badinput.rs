@@ -784,8 +784,15 @@ fn table_dropped_on_the_source() {
     });
     let keep = ["public.keep"];
     wait_equal(c, &r.master, &r.slave, &keep, Duration::from_secs(15));
-    let status = r.londiste(&["slave.ini", "status"]);
-    assert!(status.contains("public.late"), "{status}");
+    // status names the table and why its copy fails.
+    poll_until("the copy error in status", Duration::from_secs(15), || {
+        let status = r.londiste(&["slave.ini", "status"]);
+        Ok(status.lines().any(|l| {
+            l.contains("public.late")
+                && l.contains("last copy failed")
+                && l.contains("remove-table public.late")
+        }))
+    });
     r.assert_running();
     // The fix the message names.
     r.londiste(&["slave.ini", "remove-table", "late"]);

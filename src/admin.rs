@@ -369,7 +369,7 @@ fn table_exists(c: &mut Client, name: &str) -> Result<bool> {
 
 pub fn add_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let mut c = connect_local(cfg)?;
-    let n = node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+    let n = node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     if opts.dest_table.is_some() && (opts.all || args.len() != 1) {
         return Err(Error::Usage(
             "--dest-table works with exactly one table".into(),
@@ -633,7 +633,7 @@ fn create_from_provider(
 
 pub fn remove_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let mut c = connect_local(cfg)?;
-    let n = node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+    let n = node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     let have: Vec<String> = node::tables(&mut c, &cfg.queue_name)?
         .into_iter()
         .map(|t| t.table_name)
@@ -693,7 +693,7 @@ fn table_exists_tx(tx: &mut postgres::Transaction, name: &str) -> Result<bool> {
 
 pub fn resync(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let mut c = connect_local(cfg)?;
-    let n = node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+    let n = node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     if n.is_root() {
         return Err(Error::Other(
             "resync is for subscriber nodes; the root is the source".into(),
@@ -721,7 +721,7 @@ pub fn resync(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
 
 pub fn add_seq(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let mut c = connect_local(cfg)?;
-    let n = node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+    let n = node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     // Subscriber: the provider's sequences and their last published values.
     let mut provider_seqs: Vec<(String, Option<i64>)> = Vec::new();
     let pool: Vec<String> = if n.is_root() {
@@ -821,7 +821,7 @@ pub fn add_seq(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
 
 pub fn remove_seq(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let mut c = connect_local(cfg)?;
-    node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+    node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     let have: Vec<String> = c
         .query(
             "SELECT seq_name FROM londiste.seq_info WHERE queue_name = $1",
@@ -843,6 +843,14 @@ pub fn remove_seq(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()
 }
 
 pub fn human_state(t: &node::TableState) -> String {
+    let state = human_copy_state(t);
+    match (&t.copy_error, t.merge_state.as_deref()) {
+        (Some(e), s) if s != Some("ok") => format!("{state}; last copy failed: {e}"),
+        _ => state,
+    }
+}
+
+fn human_copy_state(t: &node::TableState) -> String {
     match t.merge_state.as_deref() {
         Some("ok") => "ok".into(),
         Some("in-copy") => {
@@ -872,7 +880,7 @@ pub fn human_state(t: &node::TableState) -> String {
 
 pub fn tables(cfg: &WorkerConfig, opts: &Opts) -> Result<()> {
     let mut c = connect_local(cfg)?;
-    node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+    node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     let ts = node::tables(&mut c, &cfg.queue_name)?;
     if opts.names_only {
         for t in ts {
@@ -893,7 +901,7 @@ pub fn tables(cfg: &WorkerConfig, opts: &Opts) -> Result<()> {
 
 pub fn seqs(cfg: &WorkerConfig) -> Result<()> {
     let mut c = connect_local(cfg)?;
-    node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+    node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     let rows = c
         .query("SELECT seq_name, local, last_value FROM londiste.seq_info WHERE queue_name = $1 ORDER BY 1", &[&cfg.queue_name])
         .ctx(|| "cannot read seq_info".into())?;
@@ -912,7 +920,7 @@ pub fn seqs(cfg: &WorkerConfig) -> Result<()> {
 
 pub fn show_missing(cfg: &WorkerConfig) -> Result<()> {
     let mut c = connect_local(cfg)?;
-    let n = node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+    let n = node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     if n.is_root() {
         for (k, name) in missing(&mut c, &cfg.queue_name)? {
             println!("{}  {}", if k == "S" { "seq  " } else { "table" }, name);
@@ -934,7 +942,7 @@ pub fn show_missing(cfg: &WorkerConfig) -> Result<()> {
 
 pub fn members(cfg: &WorkerConfig) -> Result<()> {
     let mut c = connect_local(cfg)?;
-    node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+    node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     let rows = c
         .query(
             "SELECT node_name, dead, node_location FROM londiste.node_location WHERE queue_name = $1 ORDER BY 1",
@@ -951,7 +959,7 @@ pub fn members(cfg: &WorkerConfig) -> Result<()> {
 
 pub fn node_info(cfg: &WorkerConfig) -> Result<()> {
     let mut c = connect_local(cfg)?;
-    let n = node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+    let n = node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     let status = if n.paused {
         "PAUSED"
     } else if n.cur_error.is_some() {
@@ -985,7 +993,7 @@ pub fn node_info(cfg: &WorkerConfig) -> Result<()> {
 
 pub fn pause(cfg: &WorkerConfig, paused: bool) -> Result<()> {
     let mut c = connect_local(cfg)?;
-    node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+    node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     c.execute(
         "UPDATE londiste.node_info SET paused = $2 WHERE queue_name = $1",
         &[&cfg.queue_name, &paused],
@@ -998,7 +1006,7 @@ pub fn pause(cfg: &WorkerConfig, paused: bool) -> Result<()> {
 /// Waits until every table is in sync (state ok).
 pub fn wait_sync(cfg: &WorkerConfig) -> Result<()> {
     let mut c = connect_local(cfg)?;
-    node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+    node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     let mut last = usize::MAX;
     loop {
         let ts = node::tables(&mut c, &cfg.queue_name)?;
@@ -1022,7 +1030,7 @@ pub fn wait_sync(cfg: &WorkerConfig) -> Result<()> {
 /// provider (or root) has now.
 pub fn wait_upstream(cfg: &WorkerConfig, root: bool) -> Result<()> {
     let mut c = connect_local(cfg)?;
-    let n = node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+    let n = node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     if n.is_root() {
         return Ok(());
     }
@@ -1042,7 +1050,7 @@ pub fn wait_upstream(cfg: &WorkerConfig, root: bool) -> Result<()> {
         .get(0);
     log::info!("waiting until this node reaches tick {target}");
     loop {
-        let n = node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+        let n = node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
         if n.last_tick_id.unwrap_or(0) >= target {
             log::info!("caught up (tick {})", n.last_tick_id.unwrap_or(0));
             return Ok(());

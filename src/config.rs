@@ -273,6 +273,8 @@ fn parse_seconds(v: &str) -> Option<f64> {
 /// Settings shared by every daemon mode.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Common {
+    /// The file this job was read from (for messages that name the command to run).
+    pub file: PathBuf,
     pub job_name: String,
     pub logfile: Option<PathBuf>,
     pub pidfile: Option<PathBuf>,
@@ -284,6 +286,7 @@ pub struct Common {
 impl Common {
     fn from(s: &Section, syslog_default: bool, ident_default: &str) -> Result<Common> {
         Ok(Common {
+            file: s.file.clone(),
             job_name: s.required("job_name")?,
             logfile: s.path("logfile"),
             pidfile: s.path("pidfile"),
@@ -390,6 +393,19 @@ pub const WORKER_KEYS: &[&str] = &[
 ];
 
 /// The replication worker and admin commands (`londiste3` mode).
+impl WorkerConfig {
+    /// How the user runs a command for this job, for messages that say what to
+    /// do next: `londiste3 /etc/londiste/leaf.ini`.
+    pub fn command_hint(&self) -> String {
+        let prog = std::env::args()
+            .next()
+            .map(|a| a.rsplit('/').next().unwrap_or(&a).to_string())
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| "londiste-rs".into());
+        format!("{} {}", prog, self.common.file.display())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerConfig {
     pub common: Common,

@@ -80,7 +80,7 @@ pub fn run(cfg: &WorkerConfig, table: &str, stop: &AtomicBool) -> Result<()> {
     let queue = cfg.queue_name.clone();
     let mut local = db::connect(&cfg.db, "londiste-rs copy")?;
     prepare_apply_session(&mut local)?;
-    let nodeinfo = node::require(&mut local, &queue, "londiste-rs CONFIG")?;
+    let nodeinfo = node::require(&mut local, &queue, &cfg.command_hint())?;
     let provider_loc = nodeinfo
         .provider_location
         .clone()
@@ -185,7 +185,7 @@ fn full_copy(
         .get(0);
     let src_cols = columns(&mut stx, &src_table).map_err(|e| match e {
         Error::Db(m) => Error::Other(format!(
-            "cannot copy {table} from the provider: {m}; if it was dropped there, remove it here (londiste-rs CONFIG remove-table {table})"
+            "cannot copy {table} from the provider: {m}; if it was dropped there, remove it here ({} remove-table {table})", cfg.command_hint()
         )),
         other => other,
     })?;

@@ -81,6 +81,7 @@ pub struct TableState {
     pub copy_estimate: Option<i64>,
     pub copy_seconds: Option<f64>,
     pub key_columns: Option<Vec<String>>,
+    pub copy_error: Option<String>,
 }
 
 pub fn tables<C: GenericClient>(c: &mut C, queue: &str) -> Result<Vec<TableState>> {
@@ -88,7 +89,8 @@ pub fn tables<C: GenericClient>(c: &mut C, queue: &str) -> Result<Vec<TableState
         .query(
             "SELECT table_name, dest_table, local, merge_state, custom_snapshot, copy_tick, skip_truncate,
                     copy_rows, copy_bytes, copy_estimate,
-                    extract(epoch FROM coalesce(copy_finished, now()) - copy_started)::float8, key_columns
+                    extract(epoch FROM coalesce(copy_finished, now()) - copy_started)::float8, key_columns,
+                    copy_error
                FROM londiste.table_info WHERE queue_name = $1 ORDER BY table_name",
             &[&queue],
         )
@@ -108,8 +110,25 @@ pub fn tables<C: GenericClient>(c: &mut C, queue: &str) -> Result<Vec<TableState
             copy_estimate: r.get(9),
             copy_seconds: r.get(10),
             key_columns: r.get(11),
+            copy_error: r.get(12),
         })
         .collect())
+}
+
+/// Records the last error of a table's copy (NULL clears it), shown by `status`.
+pub fn set_copy_error<C: GenericClient>(
+    c: &mut C,
+    queue: &str,
+    table: &str,
+    err: Option<&str>,
+) -> Result<()> {
+    c.execute(
+        "UPDATE londiste.table_info SET copy_error = $3
+          WHERE queue_name = $1 AND table_name = $2 AND copy_error IS DISTINCT FROM $3",
+        &[&queue, &table, &err],
+    )
+    .ctx(|| format!("cannot record the copy error of {table}"))?;
+    Ok(())
 }
 
 /// Records the worker's last error (NULL clears it), shown by `status`.

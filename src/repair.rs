@@ -86,7 +86,7 @@ fn literal(v: &Option<String>) -> String {
 
 pub fn repair(cfg: &WorkerConfig, args: &[String], opts: &Opts, apply: bool) -> Result<()> {
     let mut local = db::connect(&cfg.db, "londiste-rs repair")?;
-    let me = node::require(&mut local, &cfg.queue_name, "londiste-rs CONFIG")?;
+    let me = node::require(&mut local, &cfg.queue_name, &cfg.command_hint())?;
     if me.is_root() {
         return Err(Error::Other(
             "repair runs on a subscriber node: it makes it equal to its provider".into(),

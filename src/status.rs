@@ -27,7 +27,7 @@ struct Row {
 
 pub fn status(cfg: &WorkerConfig) -> Result<()> {
     let mut local = db::connect(&cfg.db, "londiste-rs status")?;
-    let me = node::require(&mut local, &cfg.queue_name, "londiste-rs CONFIG")?;
+    let me = node::require(&mut local, &cfg.queue_name, &cfg.command_hint())?;
     // Find the root: walk up the providers.
     let mut root_loc = me.node_location.clone();
     let mut cur = me.clone();
@@ -38,7 +38,7 @@ pub fn status(cfg: &WorkerConfig) -> Result<()> {
         }
         let loc = cur.provider_location.clone().unwrap_or_default();
         let mut c = remote(cfg, &loc)?;
-        cur = node::require(&mut c, &cfg.queue_name, "londiste-rs CONFIG")?;
+        cur = node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
         root_loc = loc;
         root_client = Some(c);
     }
@@ -257,7 +257,7 @@ pub fn columns(c: &mut impl postgres::GenericClient, table: &str) -> Result<Vec<
 /// tick, wait until this node has applied it, then checksum both sides.
 pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let mut local = db::connect(&cfg.db, "londiste-rs compare")?;
-    let me = node::require(&mut local, &cfg.queue_name, "londiste-rs CONFIG")?;
+    let me = node::require(&mut local, &cfg.queue_name, &cfg.command_hint())?;
     if me.is_root() {
         return Err(Error::Other(
             "compare runs on a subscriber node: it compares it with its provider".into(),
@@ -357,7 +357,7 @@ pub fn lock_and_sync(
     let tick = force_new_tick(ticker, &cfg.queue_name)?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let n = node::require(local, &cfg.queue_name, "londiste-rs CONFIG")?;
+        let n = node::require(local, &cfg.queue_name, &cfg.command_hint())?;
         if n.last_tick_id.unwrap_or(0) >= tick {
             return Ok(());
         }

@@ -430,7 +430,8 @@ impl Worker {
     fn iteration(&mut self, ctl: &Receiver<Control>) -> Result<bool> {
         self.maybe_stats();
         let queue = self.cfg.queue_name.clone();
-        let node = node::require(self.local()?, &queue, "londiste-rs CONFIG")?;
+        let hint = self.cfg.command_hint();
+        let node = node::require(self.local()?, &queue, &hint)?;
         self.local()?
             .execute(
                 "UPDATE londiste.node_info SET worker_seen = now() WHERE queue_name = $1",
@@ -671,11 +672,18 @@ impl Worker {
             .collect();
         for t in finished {
             let c = self.copies.remove(&t).unwrap();
-            if let Ok(Err(e)) = c.handle.join()
-                && !matches!(e, Error::Stopped)
-            {
-                self.copy_retry_at
-                    .insert(t.clone(), Instant::now() + Duration::from_secs(5));
+            match c.handle.join() {
+                Ok(Err(e)) if !matches!(e, Error::Stopped) => {
+                    self.copy_retry_at
+                        .insert(t.clone(), Instant::now() + Duration::from_secs(5));
+                    let (q, msg) = (node.queue_name.clone(), e.to_string());
+                    node::set_copy_error(self.local()?, &q, &t, Some(&msg))?;
+                }
+                Ok(Ok(())) => {
+                    let q = node.queue_name.clone();
+                    node::set_copy_error(self.local()?, &q, &t, None)?;
+                }
+                _ => {}
             }
         }
         let queue = node.queue_name.clone();

@@ -6,7 +6,7 @@
 -- thousandth of the event rows. The trigger functions are generated per
 -- (queue, table) so that every statement in them is static SQL with a cached plan.
 --
--- Event format (documented in londiste-rs(7)):
+-- Event format (documented in londiste-rs(1), EVENT FORMAT):
 --   ev_type   'I' insert, 'U' update (upsert of the new row), 'D' delete, 'R' truncate;
 --             'I*', 'U*', 'D*': the same for several rows
 --   ev_data   the row as PostgreSQL's composite text (the new row for I/U, the old

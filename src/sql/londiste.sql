@@ -58,6 +58,8 @@ CREATE TABLE IF NOT EXISTS londiste.table_info (
     added_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (queue_name, table_name)
 );
+-- The last error of the table's copy (NULL once a copy succeeds), for status.
+ALTER TABLE londiste.table_info ADD COLUMN IF NOT EXISTS copy_error text;
 
 CREATE TABLE IF NOT EXISTS londiste.seq_info (
     queue_name text NOT NULL REFERENCES londiste.node_info (queue_name) ON DELETE CASCADE,
