@@ -135,7 +135,15 @@ pub fn run(cfg: &WorkerConfig, table: &str, stop: &AtomicBool) -> Result<()> {
             stop,
         )?;
     }
-    catch_up(&mut local, &mut src, &queue, table, &dest, &consumer, stop)
+    catch_up(&mut local, &mut src, &queue, table, &dest, &consumer, stop)?;
+    // Statistics for the planner, after the hand-over: not on the way to "ok".
+    if let Err(e) = local.batch_execute(&format!("ANALYZE {dest}")) {
+        log::warn!(
+            "cannot analyze {dest} after its copy: {}",
+            crate::error::pg_message(&e)
+        );
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -244,8 +252,22 @@ fn full_copy(
                 "COPY (SELECT {collist} FROM ONLY {src_table}) TO STDOUT"
             ))
             .ctx(|| format!("cannot COPY {table} out of the source"))?;
+        // Rows of a table truncated in this transaction can be written frozen:
+        // no hint-bit writes or freezing vacuum later. Not for partitioned tables.
+        let partitioned: bool = ltx
+            .query_one(
+                "SELECT relkind = 'p' FROM pg_class WHERE oid = $1::text::regclass",
+                &[&dest],
+            )
+            .ctx(|| format!("cannot look up {dest}"))?
+            .get(0);
+        let freeze = if skip_truncate || partitioned {
+            ""
+        } else {
+            " (FREEZE)"
+        };
         let mut writer = ltx
-            .copy_in(&format!("COPY {dest} ({collist}) FROM STDIN"))
+            .copy_in(&format!("COPY {dest} ({collist}) FROM STDIN{freeze}"))
             .ctx(|| format!("cannot COPY into {dest}"))?;
         let mut buf = vec![0u8; 256 * 1024];
         let mut last_report = Instant::now();
@@ -314,7 +336,6 @@ fn full_copy(
         b,
         started.elapsed().as_secs_f64()
     );
-    let _ = local.batch_execute(&format!("ANALYZE {dest}"));
     // Make the next tick come now: the hand-over waits for ticks on idle queues.
     let _ = src.query("SELECT pgq.force_tick(queue_name) FROM pgq.queue WHERE queue_name = $1 AND NOT queue_external_ticker", &[queue]);
     Ok(())

@@ -25,8 +25,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Events fetched from the provider per round trip.
-const FETCH: i64 = 1_000;
+/// Events fetched from the provider per round trip: adapted to the events'
+/// size so that one fetch holds about a quarter of CHUNK_BYTES (a multi-row
+/// event can be 100 kB, a single-row one 100 bytes).
+const FETCH_MIN: usize = 16;
+const FETCH_MAX: usize = 2_000;
+const FETCH_FIRST: usize = 64;
 /// A chunk handed to the applier closes at this many events or bytes of row
 /// text, whichever comes first: this bounds the worker's memory whether the
 /// events carry one row or a thousand.
@@ -148,14 +152,16 @@ fn read_batch(
         .ctx(|| format!("cannot open batch {batch_id}"))?;
     let mut chunk: Vec<Event> = Vec::new();
     let mut bytes = 0usize;
+    let mut fetch = FETCH_FIRST;
     loop {
         if stop() {
             return Err(Error::Stopped);
         }
         let rows = ptx
-            .query_portal(&portal, FETCH as i32)
+            .query_portal(&portal, fetch as i32)
             .ctx(|| format!("cannot fetch events of batch {batch_id}"))?;
-        let last = rows.len() < FETCH as usize;
+        let last = rows.len() < fetch;
+        let before = bytes;
         for r in &rows {
             let ev = Event {
                 id: r.get(0),
@@ -171,6 +177,10 @@ fn read_batch(
             };
             bytes += ev.data.as_ref().map_or(0, |d| d.len());
             chunk.push(ev);
+        }
+        if !rows.is_empty() {
+            let avg = ((bytes - before) / rows.len()).max(1);
+            fetch = (CHUNK_BYTES / 4 / avg).clamp(FETCH_MIN, FETCH_MAX);
         }
         // The events own copies of the values: free the raw rows before the
         // chunk goes to the applier.

@@ -99,10 +99,12 @@ BEGIN
     RETURN out || E'\n    END IF;';
 END $$;
 
--- `single` when the transition table holds at most one row, else `multi`.
-CREATE OR REPLACE FUNCTION pgq._capture_by_size(rows_name text, q pgq.queue, single text, multi text) RETURNS text
+-- `single` when the transition table holds at most one row, else `multi` (the
+-- prologue's queue lookup tells which, in the same statement).
+DROP FUNCTION IF EXISTS pgq._capture_by_size(text, pgq.queue, text, text);
+CREATE OR REPLACE FUNCTION pgq._capture_by_size(q pgq.queue, single text, multi text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT format(E'\n    PERFORM FROM %s OFFSET 1 LIMIT 1;\n    IF NOT FOUND THEN', rows_name)
+    SELECT E'\n    IF NOT multi THEN'
         || replace(pgq._capture_dispatch(q, single), E'\n', E'\n    ')
         || E'\n    ELSE'
         || replace(pgq._capture_dispatch(q, multi), E'\n', E'\n    ')
@@ -194,12 +196,13 @@ DECLARE
     dis boolean;
     saved text[];
     cj text;
+    multi boolean := false;
 BEGIN
     IF current_setting('londiste.replay', true) = 'on'
        OR current_setting('session_replication_role') = 'local' THEN
         RETURN NULL;
     END IF;
-    SELECT queue_cur_table, queue_disable_insert INTO cur, dis FROM pgq.queue WHERE queue_id = %s;
+    SELECT queue_cur_table, queue_disable_insert@MULTI@ INTO cur, dis, multi FROM pgq.queue WHERE queue_id = %s;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'queue of the capture trigger on %%.%% is gone; drop the trigger or re-add the table', TG_TABLE_SCHEMA, TG_TABLE_NAME;
     END IF;
@@ -236,7 +239,7 @@ $n$;
     -- distinct keys, and the deleted keys are not among them (the deletes are
     -- still written first, for readers of the queue).
     ins := format('INSERT INTO @EVENTS@ %s', cols);
-    body_i := pgq._capture_by_size('new_rows', q,
+    body_i := pgq._capture_by_size(q,
         ins || format($x$
         SELECT 'I', (n.*)::text, %L, %s, %L FROM new_rows n;$x$, tname, colq, keylit),
         ins || format($x$
@@ -245,7 +248,7 @@ $n$;
          GROUP BY s.g;$x$, tname, colq, keylit)) || leave;
     body_r := pgq._capture_dispatch(q, ins || format($x$ VALUES ('R', '', %L, %s, %L);$x$, tname, colq, keylit)) || leave;
     IF keys IS NOT NULL THEN
-        body_u := pgq._capture_by_size('new_rows', q,
+        body_u := pgq._capture_by_size(q,
             ins || format($x$
         SELECT 'D', (o.*)::text, %1$L, %2$s, %3$L FROM old_rows o WHERE NOT EXISTS (SELECT 1 FROM new_rows n WHERE %4$s)
         UNION ALL
@@ -257,7 +260,7 @@ $n$;
                 UNION ALL
                 SELECT 'U', (n.*)::text, (row_number() OVER () - 1) / 1000 FROM new_rows n) s
          GROUP BY s.k, s.g ORDER BY s.k, s.g;$x$, tname, colq, keylit, join_cond)) || leave;
-        body_d := pgq._capture_by_size('old_rows', q,
+        body_d := pgq._capture_by_size(q,
             ins || format($x$
         SELECT 'D', (o.*)::text, %L, %s, %L FROM old_rows o;$x$, tname, colq, keylit),
             ins || format($x$
@@ -272,13 +275,13 @@ $n$;
     END IF;
 
     EXECUTE format('CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql %s AS %L',
-                   pgq._capture_fn_name(q.queue_id, i_table, 'i'), settings, prologue || body_i);
+                   pgq._capture_fn_name(q.queue_id, i_table, 'i'), settings, replace(prologue, '@MULTI@', ', EXISTS (SELECT FROM new_rows OFFSET 1)') || body_i);
     EXECUTE format('CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql %s AS %L',
-                   pgq._capture_fn_name(q.queue_id, i_table, 'u'), settings, prologue || body_u);
+                   pgq._capture_fn_name(q.queue_id, i_table, 'u'), settings, CASE WHEN keys IS NULL THEN replace(prologue, '@MULTI@', ', false') ELSE replace(prologue, '@MULTI@', ', EXISTS (SELECT FROM new_rows OFFSET 1)') END || body_u);
     EXECUTE format('CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql %s AS %L',
-                   pgq._capture_fn_name(q.queue_id, i_table, 'd'), settings, prologue || body_d);
+                   pgq._capture_fn_name(q.queue_id, i_table, 'd'), settings, CASE WHEN keys IS NULL THEN replace(prologue, '@MULTI@', ', false') ELSE replace(prologue, '@MULTI@', ', EXISTS (SELECT FROM old_rows OFFSET 1)') END || body_d);
     EXECUTE format('CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql %s AS %L',
-                   pgq._capture_fn_name(q.queue_id, i_table, 'r'), settings, prologue || body_r);
+                   pgq._capture_fn_name(q.queue_id, i_table, 'r'), settings, replace(prologue, '@MULTI@', ', false') || body_r);
 
     EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
                    '_pgq_' || q.queue_id || '_ins', i_table, pgq._capture_fn_name(q.queue_id, i_table, 'i'));
