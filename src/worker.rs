@@ -35,7 +35,7 @@ const FETCH_FIRST: usize = 64;
 /// text, whichever comes first: this bounds the worker's memory whether the
 /// events carry one row or a thousand.
 const CHUNK_EVENTS: usize = 10_000;
-const CHUNK_BYTES: usize = 8 << 20;
+const CHUNK_BYTES: usize = 4 << 20;
 
 /// What a batch looked like, from `pgq.next_batch_*`.
 #[derive(Debug, Clone)]
