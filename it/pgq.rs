@@ -926,6 +926,19 @@ fn rt_setup(c: &mut Client) -> bool {
     hstore
 }
 
+/// Column name -> type as SQL, of a table.
+fn column_types(c: &mut Client, table: &str) -> HashMap<String, String> {
+    c.query(
+        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+         WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
+        &[&table],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
 #[test]
 fn trigger_round_trips_every_type_family_exactly() {
     let cl = Cluster::shared();
@@ -975,16 +988,7 @@ fn trigger_round_trips_every_type_family_exactly() {
     // The text is the same whatever the writer's settings, except that a time
     // with time zone carries the writer's offset: the same instant either way.
     let cols = parse_columns(evs[0].extra2.as_deref().unwrap()).unwrap();
-    let src_types: HashMap<String, String> = src
-        .query(
-            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
-             WHERE attrelid = 'rt'::regclass AND attnum > 0 AND NOT attisdropped",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let src_types = column_types(&mut src, "rt");
     src.batch_execute(EXACT_SETTINGS).unwrap();
     let (f1, f6) = (fields("1"), fields("6"));
     for (i, col) in cols.iter().enumerate().skip(1) {
@@ -1030,16 +1034,7 @@ fn trigger_round_trips_every_type_family_exactly() {
     let mut dst = cl.client(&dst_db);
     assert_eq!(rt_setup(&mut dst), hstore);
     dst.batch_execute(EXACT_SETTINGS).unwrap();
-    let types: HashMap<String, String> = dst
-        .query(
-            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
-             WHERE attrelid = 'rt'::regclass AND attnum > 0 AND NOT attisdropped",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let types = column_types(&mut dst, "rt");
     for e in &evs {
         assert_eq!(e.typ, "I");
         assert_eq!(e.extra1.as_deref(), Some("public.rt"));
