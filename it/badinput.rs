@@ -236,6 +236,39 @@ impl Repl {
         line
     }
 
+    /// A batch that fails to apply: the worker keeps its position, keeps
+    /// running, and none of the batch is on the leaf (`table` still has
+    /// `rows` rows). Returns the position.
+    fn assert_batch_held(&mut self, table: &str, rows: i64, err: &str) -> Option<i64> {
+        let pos = self.pos();
+        self.assert_stuck_at(pos);
+        self.assert_running();
+        let n: i64 = Cluster::shared()
+            .client(&self.slave)
+            .query_one(&format!("select count(*) from {table}"), &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(n, rows, "rows of a failing batch were applied ({err})");
+        pos
+    }
+
+    /// Applies `fix` on the leaf; the table converges to the master's and the
+    /// error clears.
+    fn fix_and_converge(&self, fix: &str, table: &str) {
+        let c = Cluster::shared();
+        c.client(&self.slave).batch_execute(fix).unwrap();
+        wait_equal(
+            c,
+            &self.master,
+            &self.slave,
+            &[&format!("public.{table}")],
+            Duration::from_secs(15),
+        );
+        poll_until("the error to clear", Duration::from_secs(10), || {
+            Ok(!self.londiste(&["slave.ini", "node-info"]).contains("ERR:"))
+        });
+    }
+
     /// Panics unless every process started by `start` is still running.
     fn assert_running(&mut self) {
         for p in &mut self.procs {
@@ -595,32 +628,19 @@ fn subscriber_lacks_a_column() {
         )
         .unwrap();
     let err = r.wait_error(&["ev_id=", "widgets", "\"b\"", "ADD COLUMN"]);
-    let pos = r.pos();
-    r.assert_stuck_at(pos);
-    r.assert_running();
     // Nothing of the failing batch is applied.
-    let n: i64 = c
-        .client(&r.slave)
-        .query_one("select count(*) from widgets", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 20, "rows of a failing batch were applied ({err})");
+    let pos = r.assert_batch_held("widgets", 20, &err);
 
     // The fix the message names: the rows arrive, the error clears.
-    c.client(&r.slave)
-        .batch_execute("alter table widgets add column b int")
-        .unwrap();
-    wait_equal(
-        c,
-        &r.master,
-        &r.slave,
-        &["public.widgets"],
-        Duration::from_secs(15),
+    r.fix_and_converge("alter table widgets add column b int", "widgets");
+    poll_until(
+        "node-info to say Status: OK",
+        Duration::from_secs(10),
+        || {
+            Ok(r.londiste(&["slave.ini", "node-info"])
+                .contains("Status: OK"))
+        },
     );
-    poll_until("the error to clear", Duration::from_secs(10), || {
-        let info = r.londiste(&["slave.ini", "node-info"]);
-        Ok(!info.contains("ERR:") && info.contains("Status: OK"))
-    });
     assert!(r.pos() > pos);
     r.assert_running();
 }
@@ -655,30 +675,10 @@ fn subscriber_column_has_incompatible_type() {
         )
         .unwrap();
     let err = r.wait_error(&["ev_id=", "gadgets", "id=12", "abc", "integer"]);
-    let pos = r.pos();
-    r.assert_stuck_at(pos);
-    r.assert_running();
     // Not even the good row before it in the same batch.
-    let n: i64 = c
-        .client(&r.slave)
-        .query_one("select count(*) from gadgets", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 10, "part of a failing batch was applied ({err})");
+    r.assert_batch_held("gadgets", 10, &err);
 
-    c.client(&r.slave)
-        .batch_execute("alter table gadgets alter column v type text")
-        .unwrap();
-    wait_equal(
-        c,
-        &r.master,
-        &r.slave,
-        &["public.gadgets"],
-        Duration::from_secs(15),
-    );
-    poll_until("the error to clear", Duration::from_secs(10), || {
-        Ok(!r.londiste(&["slave.ini", "node-info"]).contains("ERR:"))
-    });
+    r.fix_and_converge("alter table gadgets alter column v type text", "gadgets");
     r.assert_running();
 }
 

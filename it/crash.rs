@@ -114,24 +114,7 @@ fn slave_worker_killed_repeatedly_under_load() {
 
     let dir = TestDir::new();
     let d = dir.path();
-    std::fs::create_dir(d.join("log")).unwrap();
-    std::fs::create_dir(d.join("pid")).unwrap();
-    dir.write(
-        "ticker.ini",
-        &format!(
-            "[pgqd]\nbase_connstr = {}\ndatabase_list = {master}\nlogfile = log/ticker.log\n",
-            c.base_connstr()
-        ),
-    );
-    for (name, conn) in [("master", &mconn), ("slave", &sconn)] {
-        dir.write(
-            &format!("{name}.ini"),
-            &format!(
-                "[londiste3]\ndb = {conn}\nqueue_name = {master}\nloop_delay = 0.2\n\
-                 logfile = log/{name}.log\npidfile = pid/{name}.pid\n"
-            ),
-        );
-    }
+    dir.tutorial_inis(&c.base_connstr(), &master, &mconn, &sconn, "");
     ok(
         "londiste3",
         &["master.ini", "create-root", "master", &mconn],

@@ -485,6 +485,36 @@ impl TestDir {
         p
     }
 
+    /// The tutorial's three job files for the queue named after the master
+    /// database: ticker.ini, master.ini and slave.ini (loop_delay 0.2 plus
+    /// `worker_extra`, ini lines), with log/ and pid/ directories.
+    pub fn tutorial_inis(
+        &self,
+        base_connstr: &str,
+        master: &str,
+        mconn: &str,
+        sconn: &str,
+        worker_extra: &str,
+    ) {
+        fs::create_dir(self.path().join("log")).unwrap();
+        fs::create_dir(self.path().join("pid")).unwrap();
+        self.write(
+            "ticker.ini",
+            &format!(
+                "[pgqd]\nbase_connstr = {base_connstr}\ndatabase_list = {master}\nlogfile = log/ticker.log\n"
+            ),
+        );
+        for (name, conn) in [("master", mconn), ("slave", sconn)] {
+            self.write(
+                &format!("{name}.ini"),
+                &format!(
+                    "[londiste3]\ndb = {conn}\nqueue_name = {master}\nloop_delay = 0.2\n{worker_extra}\
+                     logfile = log/{name}.log\npidfile = pid/{name}.pid\n"
+                ),
+            );
+        }
+    }
+
     pub fn read(&self, name: &str) -> String {
         let p = self.path().join(name);
         fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))

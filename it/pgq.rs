@@ -34,6 +34,18 @@ fn pgq_db(prefix: &str) -> (String, Client) {
     (db, client)
 }
 
+/// Queue `q` with consumer `c`, and table `t (id int PRIMARY KEY, v text)`
+/// captured into it.
+fn queue_and_captured_t(c: &mut Client) {
+    c.batch_execute(
+        "SELECT pgq.create_queue('q');
+         SELECT pgq.register_consumer('q', 'c');
+         CREATE TABLE t (id int PRIMARY KEY, v text);
+         SELECT pgq.capture_create('q', 't'::regclass);",
+    )
+    .unwrap();
+}
+
 #[derive(Debug, Clone)]
 struct Ev {
     batch: i64,
@@ -138,13 +150,7 @@ fn install_is_idempotent_and_keeps_events() {
         !install_pgq(&mut c).unwrap(),
         "second install must be a no-op"
     );
-    c.batch_execute(
-        "SELECT pgq.create_queue('q');
-         SELECT pgq.register_consumer('q', 'c');
-         CREATE TABLE t (id int PRIMARY KEY, v text);
-         SELECT pgq.capture_create('q', 't'::regclass);",
-    )
-    .unwrap();
+    queue_and_captured_t(&mut c);
     c.batch_execute("INSERT INTO t VALUES (1, 'before')")
         .unwrap();
     c.batch_execute("SELECT pgq.insert_event('q', 'x', 'raw before')")
@@ -225,13 +231,7 @@ fn non_superuser_installs_and_replicates() {
 
     assert!(install_pgq(&mut c).unwrap());
     assert!(!install_pgq(&mut c).unwrap());
-    c.batch_execute(
-        "SELECT pgq.create_queue('q');
-         SELECT pgq.register_consumer('q', 'c');
-         CREATE TABLE t (id int PRIMARY KEY, v text);
-         SELECT pgq.capture_create('q', 't'::regclass);",
-    )
-    .unwrap();
+    queue_and_captured_t(&mut c);
     for sql in [
         "INSERT INTO t VALUES (1, 'a'), (2, 'b')",
         "UPDATE t SET v = 'c' WHERE id = 2",
@@ -1115,13 +1115,7 @@ fn row_id_str(e: &Ev) -> String {
 #[test]
 fn capture_handles_bulk_statements_ddl_and_rename() {
     let (_db, mut c) = pgq_db("pgq_ddl");
-    c.batch_execute(
-        "SELECT pgq.create_queue('q');
-         SELECT pgq.register_consumer('q', 'c');
-         CREATE TABLE t (id int PRIMARY KEY, v text);
-         SELECT pgq.capture_create('q', 't'::regclass);",
-    )
-    .unwrap();
+    queue_and_captured_t(&mut c);
     c.batch_execute("INSERT INTO t SELECT i, 'v' || i FROM generate_series(1, 2500) i")
         .unwrap();
     let n_events: i64 = c

@@ -1595,24 +1595,13 @@ fn random_workload_with_faults() {
     }
     let dir = TestDir::new();
     let d = dir.path().to_path_buf();
-    std::fs::create_dir(d.join("log")).unwrap();
-    std::fs::create_dir(d.join("pid")).unwrap();
-    dir.write(
-        "ticker.ini",
-        &format!(
-            "[pgqd]\nbase_connstr = {}\ndatabase_list = {master}\nlogfile = log/ticker.log\n",
-            p.base_connstr()
-        ),
+    dir.tutorial_inis(
+        &p.base_connstr(),
+        &master,
+        &mconn,
+        &sconn,
+        "exception_sleep = 1\n",
     );
-    for (name, conn) in [("master", &mconn), ("slave", &sconn)] {
-        dir.write(
-            &format!("{name}.ini"),
-            &format!(
-                "[londiste3]\ndb = {conn}\nqueue_name = {master}\nloop_delay = 0.2\n\
-                 exception_sleep = 1\nlogfile = log/{name}.log\npidfile = pid/{name}.pid\n"
-            ),
-        );
-    }
     let mut rig = Rig {
         ticker: Daemon::new("pgqd", &["ticker.ini"]),
         root: Daemon::new("londiste3", &["master.ini", "worker"]),
