@@ -236,6 +236,25 @@ impl Repl {
         line
     }
 
+    /// Creates the nodes, starts the daemons (with the root worker if
+    /// `master_worker`), adds `tables` on both and waits until the leaf has
+    /// them in sync and equal to the master's.
+    fn replicate_in_sync(&mut self, master_worker: bool, tables: &[&str]) {
+        self.nodes();
+        self.start(master_worker, false);
+        self.add_tables(tables);
+        self.wait_synced(tables.len() as i64);
+        let qualified: Vec<String> = tables.iter().map(|t| format!("public.{t}")).collect();
+        let qualified: Vec<&str> = qualified.iter().map(String::as_str).collect();
+        wait_equal(
+            Cluster::shared(),
+            &self.master,
+            &self.slave,
+            &qualified,
+            Duration::from_secs(10),
+        );
+    }
+
     /// A batch that fails to apply: the worker keeps its position, keeps
     /// running, and none of the batch is on the leaf (`table` still has
     /// `rows` rows). Returns the position.
@@ -606,18 +625,8 @@ fn subscriber_lacks_a_column() {
         "create table widgets (id int primary key, a text);",
         "",
     );
-    r.nodes();
-    r.start(false, false);
-    r.add_tables(&["widgets"]);
-    r.wait_synced(1);
+    r.replicate_in_sync(false, &["widgets"]);
     let c = Cluster::shared();
-    wait_equal(
-        c,
-        &r.master,
-        &r.slave,
-        &["public.widgets"],
-        Duration::from_secs(10),
-    );
 
     // A new column on the source, used at once.
     c.client(&r.master)
@@ -654,18 +663,8 @@ fn subscriber_column_has_incompatible_type() {
         "create table gadgets (id int primary key, v int);",
         "",
     );
-    r.nodes();
-    r.start(false, false);
-    r.add_tables(&["gadgets"]);
-    r.wait_synced(1);
+    r.replicate_in_sync(false, &["gadgets"]);
     let c = Cluster::shared();
-    wait_equal(
-        c,
-        &r.master,
-        &r.slave,
-        &["public.gadgets"],
-        Duration::from_secs(10),
-    );
 
     c.client(&r.master)
         .batch_execute(
@@ -690,18 +689,8 @@ fn queue_dropped_under_the_worker() {
         "create table t (id int primary key);",
         "",
     );
-    r.nodes();
-    r.start(true, false);
-    r.add_tables(&["t"]);
-    r.wait_synced(1);
+    r.replicate_in_sync(true, &["t"]);
     let c = Cluster::shared();
-    wait_equal(
-        c,
-        &r.master,
-        &r.slave,
-        &["public.t"],
-        Duration::from_secs(10),
-    );
 
     c.client(&r.master)
         .query_one("select pgq.drop_queue($1, true)", &[&QUEUE])
@@ -731,18 +720,8 @@ fn table_dropped_on_the_source() {
          create table late (id int primary key);",
         "",
     );
-    r.nodes();
-    r.start(true, false);
-    r.add_tables(&["keep", "doomed"]);
-    r.wait_synced(2);
+    r.replicate_in_sync(true, &["keep", "doomed"]);
     let c = Cluster::shared();
-    wait_equal(
-        c,
-        &r.master,
-        &r.slave,
-        &["public.keep", "public.doomed"],
-        Duration::from_secs(10),
-    );
 
     // Changes to the table, then it is dropped, in one go with others.
     c.client(&r.master)

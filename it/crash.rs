@@ -5,7 +5,7 @@
 //! time. Whatever it had half done must be redone exactly once: in the end
 //! every table on the slave equals the master.
 
-use crate::harness::{Cluster, KillOnDrop, TestDir, poll_until, spawn, unique_name};
+use crate::harness::{Cluster, KillOnDrop, Rng, TestDir, poll_until, spawn, unique_name};
 use crate::tutorial::{ok, wait_equal};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,21 +25,6 @@ insert into big select i, i % 1000, repeat(md5(i::text), 3) from generate_series
 insert into acct (v, note) select i, 'n' || i from generate_series(1, 500) i;
 insert into pairs select a, b, a || '/' || b from generate_series(1, 30) a, generate_series(1, 10) b;
 ";
-
-/// xorshift64*: no dependency, reproducible from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn seed() -> u64 {
     let t = std::time::SystemTime::now()

@@ -44,7 +44,7 @@
 //! `LONDISTE_RANDOM_ROUNDS` (default 2) and `LONDISTE_RANDOM_SECONDS`
 //! (default 12, load per round) make it run longer.
 
-use crate::harness::{Cluster, KillOnDrop, TestDir, run, spawn, tables_diff, unique_name};
+use crate::harness::{Cluster, KillOnDrop, Rng, TestDir, run, spawn, tables_diff, unique_name};
 use crate::tutorial::output_text;
 use postgres::{Client, NoTls};
 use std::collections::BTreeMap;
@@ -162,21 +162,9 @@ fn mix(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// xorshift64*: no dependency, reproducible from the printed seed.
-struct Rng(u64);
-
 impl Rng {
     fn new(seed: u64) -> Rng {
         Rng(mix(seed).max(1))
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
     }
     /// 1..=n
     fn id(&mut self, n: u64) -> u64 {
