@@ -834,15 +834,12 @@ fn consumer_info_shows_pending_events_and_lag() {
     assert_eq!(open2, None);
 }
 
-/// Known bug, not fixed: txid_current_snapshot() leaves the calling
-/// transaction out of xip, so a tick taken in the same transaction as events
-/// (create_queue + INSERT in one transaction, or pgq.ticker() after writes)
-/// counts them as committed before the tick whenever a later transaction has
-/// already finished, and they are silently skipped. A fix that records the
-/// own txid in the tick's xip (pgq._tick_snapshot) made the tutorial tests
-/// hang under concurrent load, so it was backed out; see the report.
+/// txid_current_snapshot() leaves the calling transaction out of xip: a tick
+/// taken in the same transaction as events (create_queue + insert_event, or
+/// pgq.ticker() after writes) would count them as committed before the tick
+/// once a later transaction has finished, and skip them. The tick records its
+/// own txid as running (pgq._tick_snapshot).
 #[test]
-#[ignore = "known bug: events in the ticking transaction are lost"]
 fn events_written_in_the_ticking_transaction_are_delivered() {
     let cl = Cluster::shared();
     let (db, mut a) = pgq_db("pgq_sametx");

@@ -403,6 +403,10 @@ fn branch_to_leaf_chain() {
     wait_ticker_checked(c, &t.master);
     wait_ticker_checked(c, &t.slave);
     t.setup_nodes();
+    // The branch has the tables in sync first: the leaf copies from it.
+    poll_until("branch tables ok", Duration::from_secs(15), || {
+        t.tables_ok("slave.ini")
+    });
     let branch = format!("--provider={}", t.sconn);
     ok(
         "londiste3",
@@ -410,10 +414,37 @@ fn branch_to_leaf_chain() {
         d,
     );
     ok("londiste3", &["-d", "leaf.ini", "worker"], d);
+    // One table copied straight from the root (--copy-node), the others from
+    // the leaf's provider, the branch.
+    ok(
+        "londiste3",
+        &[
+            "leaf.ini",
+            "add-table",
+            "--copy-node=master",
+            "public.accounts",
+        ],
+        d,
+    );
     ok("londiste3", &["leaf.ini", "add-table", "--all"], d);
     poll_until("leaf tables ok", Duration::from_secs(15), || {
         t.tables_ok("leaf.ini")
     });
+    let log = t.dir.read("log/leaf.log");
+    let copied_from = |table: &str| {
+        log.lines()
+            .find(|l| l.contains(&format!("copy {table} from")))
+            .unwrap_or_else(|| panic!("no copy line for {table} in the leaf's log:\n{log}"))
+            .to_string()
+    };
+    assert!(
+        copied_from("public.accounts").contains(&t.master),
+        "accounts was not copied from the root"
+    );
+    assert!(
+        copied_from("public.events").contains(&t.slave),
+        "events was not copied from the branch"
+    );
     wait_equal(c, &t.master, &leaf, TABLES, Duration::from_secs(10));
     c.client(&t.master).batch_execute(CHANGES).unwrap();
     wait_equal(c, &t.master, &t.slave, TABLES, Duration::from_secs(20));

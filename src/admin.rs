@@ -421,6 +421,19 @@ pub fn add_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()>
     if names.is_empty() && opts.all {
         log::info!("nothing to add: every table of the provider is already added here");
     }
+    if let Some(node) = &opts.copy_node {
+        let known = c
+            .query_opt(
+                "SELECT 1 FROM londiste.node_location WHERE queue_name = $1 AND node_name = $2",
+                &[&cfg.queue_name, node],
+            )
+            .ctx(|| "cannot read node_location".into())?;
+        if known.is_none() {
+            return Err(Error::Other(format!(
+                "--copy-node: {node} is not a member of the set (see members)"
+            )));
+        }
+    }
     for t in names {
         if have.contains(&t) {
             log::info!("Table {t} already added");
@@ -1008,6 +1021,7 @@ pub fn wait_sync(cfg: &WorkerConfig) -> Result<()> {
     let mut c = connect_local(cfg)?;
     node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     let mut last = usize::MAX;
+    let mut last_note = std::time::Instant::now();
     loop {
         let ts = node::tables(&mut c, &cfg.queue_name)?;
         let todo: Vec<_> = ts
@@ -1021,40 +1035,96 @@ pub fn wait_sync(cfg: &WorkerConfig) -> Result<()> {
         if todo.len() != last {
             log::info!("{}/{} table(s) to copy", todo.len(), ts.len());
             last = todo.len();
+            last_note = std::time::Instant::now();
+        } else if last_note.elapsed() > std::time::Duration::from_secs(30) {
+            last_note = std::time::Instant::now();
+            let states: Vec<String> = todo
+                .iter()
+                .map(|t| format!("{}: {}", t.table_name, human_state(t)))
+                .collect();
+            log::warn!(
+                "still waiting: {}; is the worker running and not paused? (status)",
+                states.join("; ")
+            );
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 
-/// wait-provider / wait-root: until this node has applied the tick that the
-/// provider (or root) has now.
+/// wait-provider / wait-root: until this node has applied every change that
+/// was committed on the root before the command started. A tick is forced on
+/// the root first, so that "stop writes, wait-root, switch over" holds even when
+/// the last writes came after the last tick. wait-provider stops at the
+/// provider's newest tick once that covers the forced one, or at the
+/// provider's newest tick when the root is unreachable from here.
 pub fn wait_upstream(cfg: &WorkerConfig, root: bool) -> Result<()> {
     let mut c = connect_local(cfg)?;
     let n = node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     if n.is_root() {
+        log::info!("this is the root node: nothing to wait for");
         return Ok(());
     }
-    let up = if root {
-        find_root(cfg, &mut c, &n)?
-            .ok_or_else(|| Error::Other("cannot find the root node".into()))?
-    } else {
-        n.provider_location.clone().unwrap_or_default()
+    let root_loc = find_root(cfg, &mut c, &n)?;
+    let root_tick = match &root_loc {
+        Some(l) => Some(crate::status::force_new_tick(
+            &mut remote(cfg, l)?,
+            &cfg.queue_name,
+        )?),
+        None if root => {
+            return Err(Error::Other(
+                "cannot find the root node from this node's provider chain (see members)".into(),
+            ));
+        }
+        None => None,
     };
-    let mut p = remote(cfg, &up)?;
-    let target: i64 = p
-        .query_one(
-            "SELECT max(t.tick_id) FROM pgq.tick t JOIN pgq.queue q ON q.queue_id = t.tick_queue WHERE q.queue_name = $1",
+    let ploc = n.provider_location.clone().unwrap_or_default();
+    let mut p = remote(cfg, &ploc)?;
+    let provider_tick = |p: &mut Client| -> Result<i64> {
+        Ok(p.query_one(
+            "SELECT coalesce(max(t.tick_id), 0) FROM pgq.tick t JOIN pgq.queue q ON q.queue_id = t.tick_queue WHERE q.queue_name = $1",
             &[&cfg.queue_name],
         )
-        .ctx(|| "cannot read the upstream tick".into())?
-        .get(0);
-    log::info!("waiting until this node reaches tick {target}");
+        .ctx(|| format!("cannot read the ticks of {}", db::describe(&ploc)))?
+        .get(0))
+    };
+    let what = if root { "root" } else { "provider" };
+    let started = std::time::Instant::now();
+    let mut last_note = started;
+    let mut target: Option<i64> = None;
     loop {
+        // The provider may itself be catching up with the root: its ticks
+        // reach the forced one later.
+        if target.is_none() {
+            let pt = provider_tick(&mut p)?;
+            target = match (root, root_tick) {
+                (true, t) => t,
+                (false, Some(t)) if pt >= t => Some(pt),
+                (false, Some(_)) => None,
+                (false, None) => Some(pt),
+            };
+            if let Some(t) = target {
+                log::info!("waiting until this node reaches tick {t} of the {what}");
+            }
+        }
         let n = node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
-        if n.last_tick_id.unwrap_or(0) >= target {
-            log::info!("caught up (tick {})", n.last_tick_id.unwrap_or(0));
+        let at = n.last_tick_id.unwrap_or(0);
+        if let Some(t) = target
+            && at >= t
+        {
+            log::info!("caught up with the {what} (tick {at})");
             return Ok(());
         }
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        if last_note.elapsed() > std::time::Duration::from_secs(30) {
+            last_note = std::time::Instant::now();
+            log::warn!(
+                "still waiting after {:.0}s: this node is at tick {at}{}; is its worker running and not paused? (status)",
+                started.elapsed().as_secs_f64(),
+                match &n.cur_error {
+                    Some(e) => format!(", its last error: {e}"),
+                    None => String::new(),
+                }
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

@@ -124,6 +124,7 @@ pub fn run(cfg: &WorkerConfig, table: &str, stop: &AtomicBool) -> Result<()> {
     )?;
 
     if state.merge_state.as_deref() != Some("catching-up") {
+        log::info!("copy {table} from {}", db::describe(&src_loc));
         full_copy(
             cfg,
             &mut local,

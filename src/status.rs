@@ -372,7 +372,7 @@ pub fn lock_and_sync(
 
 /// Makes a tick now (when this process may tick the queue) or waits for the
 /// ticker to make one; returns its id.
-fn force_new_tick(c: &mut Client, queue: &str) -> Result<i64> {
+pub fn force_new_tick(c: &mut Client, queue: &str) -> Result<i64> {
     let last: i64 = c
         .query_one("SELECT pgq.force_tick($1)", &[&queue])
         .ctx(|| "cannot force a tick".into())?

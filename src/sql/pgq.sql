@@ -158,6 +158,24 @@ BEGIN
     END;
 END $$;
 
+-- The snapshot a tick records. A transaction's own xid is never in its snapshot's
+-- xip, so a tick made in a transaction that already wrote events (create_queue or
+-- a tick in the writer's own transaction) would count those events as done before
+-- the tick, and no batch would hold them. List our own xid as still running.
+CREATE OR REPLACE FUNCTION pgq._tick_snapshot() RETURNS txid_snapshot
+LANGUAGE plpgsql AS $$
+DECLARE
+    s txid_snapshot := txid_current_snapshot();
+    me bigint := txid_current_if_assigned();
+BEGIN
+    IF me IS NULL OR me >= txid_snapshot_xmax(s) THEN
+        RETURN s;
+    END IF;
+    RETURN (least(txid_snapshot_xmin(s), me)::text || ':' || txid_snapshot_xmax(s)::text || ':'
+            || (SELECT string_agg(x::text, ',' ORDER BY x)
+                  FROM (SELECT txid_snapshot_xip(s) AS x UNION SELECT me) u))::txid_snapshot;
+END $$;
+
 CREATE OR REPLACE FUNCTION pgq.create_queue(i_queue_name text) RETURNS int4
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -190,8 +208,8 @@ BEGIN
         PERFORM pgq._tune_event_storage(format('%s_%s', pfx, i)::regclass);
     END LOOP;
     -- The first tick: consumers register at it.
-    INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq)
-    VALUES (qid, nextval(pfx || '_tick_seq'), 0);
+    INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq, tick_snapshot)
+    VALUES (qid, nextval(pfx || '_tick_seq'), 0, pgq._tick_snapshot());
     RETURN 1;
 END $$;
 
@@ -360,7 +378,8 @@ BEGIN
         cur_seq := pgq.seq_getval(q.queue_event_seq);
     END IF;
     res := nextval(q.queue_tick_seq);
-    INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq) VALUES (q.queue_id, res, cur_seq);
+    INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq, tick_snapshot)
+    VALUES (q.queue_id, res, cur_seq, pgq._tick_snapshot());
     PERFORM pg_notify('pgq_tick', i_queue_name);
     RETURN res;
 END $$;
