@@ -1033,3 +1033,78 @@ fn wrong_password() {
         assert!(!text.contains(SECRET), "password in {f}:\n{text}");
     }
 }
+
+/// A typo in a key is an error (the real key would silently keep its
+/// default); a Skytools key this tool does not use is only a warning; a
+/// logfile that cannot be written stops the start, naming file and key.
+#[test]
+fn config_typos_and_unwritable_logfile() {
+    let c = Cluster::shared();
+    let dir = TestDir::new();
+    let d = dir.path();
+    let conn = c.connstr("postgres");
+    const EX_CONFIG: i32 = 78;
+
+    dir.write(
+        "typo.ini",
+        &format!("[londiste3]\ndb = {conn}\nqueue_nmae = q\nqueue_name = q\n"),
+    );
+    fails(
+        &["typo.ini", "worker"],
+        d,
+        EX_CONFIG,
+        &["typo.ini", "queue_nmae", "did you mean queue_name?"],
+    );
+    dir.write(
+        "typo2.ini",
+        &format!("[londiste3]\ndb = {conn}\nqueue_name = q\nloopdelay = 1\n"),
+    );
+    fails(
+        &["typo2.ini", "status"],
+        d,
+        EX_CONFIG,
+        &["typo2.ini", "loop_delay"],
+    );
+    dir.write(
+        "tick.ini",
+        "[pgqd]\nbase_connstr = host=127.0.0.1\nticker_perod = 1\n",
+    );
+    let out = run("pgqd", &["tick.ini"], d);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(EX_CONFIG), "{text}");
+    assert!(text.contains("did you mean ticker_period?"), "{text}");
+
+    // Settings of the original this tool does not use: warned about, not fatal.
+    dir.write(
+        "skytools.ini",
+        &format!("[londiste3]\ndb = {conn}\nqueue_name = q\npgq_lazy_fetch = 500\n"),
+    );
+    let out = run("londiste3", &["skytools.ini", "node-info"], d);
+    let text = output_text(&out);
+    assert_ne!(out.status.code(), Some(EX_CONFIG), "{text}");
+    assert!(
+        text.contains("unknown key pgq_lazy_fetch ignored"),
+        "no warning:\n{text}"
+    );
+
+    // Logfile: missing directory, a file where the directory should be.
+    dir.write("afile", "");
+    for (log, needle) in [
+        (
+            "nodir/w.log",
+            "nodir does not exist; create it or change logfile",
+        ),
+        ("afile/w.log", "afile is not a directory"),
+    ] {
+        dir.write(
+            "log.ini",
+            &format!(
+                "[londiste3]\ndb = {conn}\nqueue_name = q\nlogfile = {log}\npidfile = w.pid\n"
+            ),
+        );
+        for args in [&["log.ini", "worker"][..], &["-d", "log.ini", "worker"]] {
+            fails(args, d, EX_CONFIG, &["log.ini", "key logfile", needle]);
+        }
+        assert!(!d.join("w.pid").exists(), "a daemon started");
+    }
+}

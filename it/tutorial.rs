@@ -450,6 +450,36 @@ fn branch_to_leaf_chain() {
     wait_equal(c, &t.master, &t.slave, TABLES, Duration::from_secs(20));
     wait_equal(c, &t.master, &leaf, TABLES, Duration::from_secs(20));
     ok("londiste3", &["leaf.ini", "compare"], d);
+    // compare on the leaf while the root takes writes: the branch is held
+    // still (not its tables locked, which would block its own worker) and
+    // the leaf compared with it at the same point.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, mut m) = (stop.clone(), c.client(&t.master));
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                m.execute(
+                    "insert into events values (2000 + $1::int8, 'live', $1::int8, now(), true)",
+                    &[&(i as i64)],
+                )
+                .unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            i
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let out = ok("londiste3", &["leaf.ini", "compare"], d);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    assert!(
+        out.contains("public.events: OK"),
+        "compare under writes:\n{out}"
+    );
+    assert!(written > 10, "the writer did not run during compare");
+    wait_equal(c, &t.master, &leaf, TABLES, Duration::from_secs(20));
 
     for (prog, ini, pid) in [
         ("londiste3", "leaf.ini", "leaf"),

@@ -884,7 +884,8 @@ fn human_copy_state(t: &node::TableState) -> String {
             } else {
                 String::new()
             };
-            format!("in-copy: {rows} rows{pct}, {rate:.0} rows/s{eta}")
+            let mb = t.copy_bytes.unwrap_or(0) as f64 / 1e6;
+            format!("in-copy: {rows} rows{pct}, {mb:.1} MB, {rate:.0} rows/s{eta}")
         }
         Some(s) => s.to_string(),
         None => "waiting for copy".into(),

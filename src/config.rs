@@ -47,12 +47,24 @@ pub fn load_section(
     sections: &[&str],
     overrides: &[(String, String)],
 ) -> Result<Section> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| Error::Config(format!("cannot read config file {}: {}", file.display(), e)))?;
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        let fix = match e.kind() {
+            std::io::ErrorKind::NotFound => "check the path (print a sample with --ini)",
+            std::io::ErrorKind::PermissionDenied => "make it readable by this user",
+            _ => "check the file",
+        };
+        Error::Config(format!(
+            "cannot read config file {}: {e}; {fix}",
+            file.display()
+        ))
+    })?;
     let mut ini = configparser::ini::Ini::new();
-    let map = ini
-        .read(text)
-        .map_err(|e| Error::Config(format!("{}: cannot parse: {}", file.display(), e)))?;
+    let map = ini.read(text).map_err(|e| {
+        Error::Config(format!(
+            "{}: cannot parse: {e}; the file must be INI: [section] and key = value lines",
+            file.display()
+        ))
+    })?;
     let found = sections.iter().find(|s| map.contains_key(**s));
     let Some(name) = found else {
         let list: Vec<String> = sections.iter().map(|s| format!("[{s}]")).collect();
@@ -228,8 +240,11 @@ impl Section {
         })
     }
 
-    /// Warns about keys that no mode knows: usually a typo.
-    pub fn warn_unknown(&self, known: &[&str]) {
+    /// Rejects a key that is a near miss of a known one (`queue_nmae`): a
+    /// typo would otherwise silently leave the real key at its default. Other
+    /// unknown keys (Skytools settings this tool does not use) only warn, so
+    /// existing configuration files keep working.
+    pub fn check_keys(&self, known: &[&str]) -> Result<()> {
         const BUILTIN: &[&str] = &[
             "job_name",
             "config_name",
@@ -237,17 +252,63 @@ impl Section {
             "config_dir",
             "host_name",
         ];
-        for k in self.values.keys() {
-            if !known.contains(&k.as_str()) && !BUILTIN.contains(&k.as_str()) {
-                log::warn!(
-                    "{}: [{}] unknown key {} ignored (typo?)",
-                    self.file.display(),
-                    self.name,
-                    k
-                );
+        let mut keys: Vec<&String> = self.values.keys().collect();
+        keys.sort();
+        for k in keys {
+            if known.contains(&k.as_str()) || BUILTIN.contains(&k.as_str()) {
+                continue;
+            }
+            if let Some(near) = known.iter().find(|n| near_miss(k, n)) {
+                return Err(self.err(
+                    k,
+                    format!("unknown key; did you mean {near}? (see man londiste-rs.ini)"),
+                ));
+            }
+            log::warn!(
+                "{}: [{}] unknown key {} ignored",
+                self.file.display(),
+                self.name,
+                k
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Whether `a` is one or two edits (insert, delete, substitute, swap of
+/// neighbours) away from `b`, ignoring case: a typo rather than another word.
+fn near_miss(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (
+        a.to_lowercase().chars().collect(),
+        b.to_lowercase().chars().collect(),
+    );
+    if a == b {
+        return true;
+    }
+    if a.len().abs_diff(b.len()) > 2 || a.len().min(b.len()) < 4 {
+        return false;
+    }
+    // Optimal string alignment distance.
+    let (n, m) = (a.len(), b.len());
+    let mut d = vec![vec![0usize; m + 1]; n + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, v) in d[0].iter_mut().enumerate() {
+        *v = j;
+    }
+    for i in 1..=n {
+        for j in 1..=m {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            d[i][j] = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
             }
         }
     }
+    d[n][m] <= 2
 }
 
 fn parse_seconds(v: &str) -> Option<f64> {
@@ -335,7 +396,7 @@ pub struct TickerConfig {
 
 impl TickerConfig {
     pub fn from_section(s: &Section) -> Result<TickerConfig> {
-        s.warn_unknown(TICKER_KEYS);
+        s.check_keys(TICKER_KEYS)?;
         let c = TickerConfig {
             common: Common::from(s, false, "pgqd")?,
             base_connstr: s.str_opt("base_connstr").unwrap_or_default(),
@@ -427,7 +488,7 @@ pub struct WorkerConfig {
 
 impl WorkerConfig {
     pub fn from_section(s: &Section) -> Result<WorkerConfig> {
-        s.warn_unknown(WORKER_KEYS);
+        s.check_keys(WORKER_KEYS)?;
         let common = Common::from(s, false, "londiste3")?;
         let queue_name = s
             .str_opt("queue_name")
@@ -489,6 +550,27 @@ mod tests {
                 WORKER_KEYS.contains(&k.as_str()) || builtin.contains(&k.as_str()),
                 "unknown key {k}"
             );
+        }
+    }
+
+    #[test]
+    fn near_misses_are_typos_other_words_are_not() {
+        for (a, b) in [
+            ("queue_nmae", "queue_name"),
+            ("loopdelay", "loop_delay"),
+            ("ticker_perod", "ticker_period"),
+            ("LOGFILE", "logfile"),
+            ("pidfiel", "pidfile"),
+        ] {
+            assert!(near_miss(a, b), "{a} ~ {b}");
+        }
+        for (a, b) in [
+            ("pgq_lazy_fetch", "batch_max_events"),
+            ("db", "dbx"),
+            ("use_skylog", "syslog"),
+            ("check_period", "stats_period"),
+        ] {
+            assert!(!near_miss(a, b), "{a} !~ {b}");
         }
     }
 

@@ -105,6 +105,7 @@ pub fn repair(cfg: &WorkerConfig, args: &[String], opts: &Opts, apply: bool) -> 
     fixer
         .batch_execute("SET londiste.replay = 'on'")
         .ctx(|| "cannot set londiste.replay".into())?;
+    let root = crate::status::is_root_at(&mut p, &cfg.queue_name)?;
     let tables = crate::status::selected_tables(&mut local, &cfg.queue_name, args)?;
     let _ = opts;
     let mut total = 0u64;
@@ -118,7 +119,9 @@ pub fn repair(cfg: &WorkerConfig, args: &[String], opts: &Opts, apply: bool) -> 
         let mut ptx = p
             .transaction()
             .ctx(|| "cannot begin on the provider".into())?;
-        lock_and_sync(cfg, &mut ptx, &mut ticker, &mut local, &src)?;
+        // The lock stays until the fix is committed: a change applied in
+        // between could otherwise be undone by it.
+        lock_and_sync(cfg, &mut ptx, &mut ticker, &mut local, &src, root)?;
         let keys: Vec<String> = match &t.key_columns {
             Some(k) => k.clone(),
             None => local

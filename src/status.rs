@@ -266,6 +266,8 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let ploc = me.provider_location.clone().unwrap_or_default();
     let mut p = remote(cfg, &ploc)?;
     let mut ticker = remote(cfg, &ploc)?;
+    let mut reader = remote(cfg, &ploc)?;
+    let root = is_root_at(&mut p, &cfg.queue_name)?;
     let tables = crate::status::selected_tables(&mut local, &cfg.queue_name, args)?;
     let mut differ = 0;
     for t in tables {
@@ -283,9 +285,14 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
         let mut tx = p
             .transaction()
             .ctx(|| "cannot begin on the provider".into())?;
-        lock_and_sync(cfg, &mut tx, &mut ticker, &mut local, &src)?;
-        let scols = columns(&mut tx, &src)?;
-        let dcols = columns(&mut local, &dest)?;
+        lock_and_sync(cfg, &mut tx, &mut ticker, &mut local, &src, root)?;
+        // Both sides are at the same point now: take a snapshot of each and
+        // let the provider go on while the checksums run (at the same time).
+        let mut ptx = snapshot_now(&mut reader, "the provider")?;
+        let mut ltx = snapshot_now(&mut local, "this node")?;
+        tx.commit().ok();
+        let scols = columns(&mut ptx, &src)?;
+        let dcols = columns(&mut ltx, &dest)?;
         let common: Vec<String> = scols
             .iter()
             .filter(|c| dcols.contains(c))
@@ -294,9 +301,15 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
         if common.len() != scols.len() || common.len() != dcols.len() {
             println!("{}: comparing common columns only", t.table_name);
         }
-        let (sn, ss) = checksum(&mut tx, &src, &common, opts.count_only)?;
-        let (dn, ds) = checksum(&mut local, &dest, &common, opts.count_only)?;
-        tx.commit().ok();
+        let count_only = opts.count_only;
+        let (src_sum, dst_sum) = std::thread::scope(|s| {
+            let h = s.spawn(|| checksum(&mut ptx, &src, &common, count_only));
+            let d = checksum(&mut ltx, &dest, &common, count_only);
+            (h.join().expect("checksum thread"), d)
+        });
+        let ((sn, ss), (dn, ds)) = (src_sum?, dst_sum?);
+        ptx.commit().ok();
+        ltx.commit().ok();
         println!("{}: provider {} rows, checksum={}", t.table_name, sn, ss);
         println!("{}: this node {} rows, checksum={}", t.table_name, dn, ds);
         if sn != dn || ss != ds {
@@ -337,24 +350,43 @@ pub fn selected_tables(
     Ok(tables)
 }
 
-/// Brings the provider's table and this node to the same point: lock the table
-/// on the provider (writes to it wait, up to lock_timeout), make a tick that
-/// covers every committed change, and wait until this node has applied it.
+/// Brings the provider's table and this node to the same point, holding it
+/// there until `tx` ends.
+///
+/// A root provider: lock the table (writes to it wait, up to lock_timeout),
+/// make a tick that covers every committed change, and wait until this node
+/// has applied it. A branch provider cannot tick and must keep applying its
+/// own batches, which the table lock would block: instead hold its position
+/// (the row its worker locks for each batch), so the branch stands still, and
+/// wait until this node has applied the branch's last tick. Both locks go with
+/// the connection if this process dies: nothing stays paused.
 pub fn lock_and_sync(
     cfg: &WorkerConfig,
     tx: &mut postgres::Transaction,
     ticker: &mut Client,
     local: &mut Client,
     src: &str,
+    provider_is_root: bool,
 ) -> Result<()> {
     tx.batch_execute(&format!(
         "SET LOCAL lock_timeout = '{}ms'",
         cfg.lock_timeout.as_millis()
     ))
     .ctx(|| "cannot set lock_timeout".into())?;
-    tx.batch_execute(&format!("LOCK TABLE {src} IN SHARE MODE"))
-        .ctx(|| format!("cannot lock {src} on the provider (busy? raise lock_timeout)"))?;
-    let tick = force_new_tick(ticker, &cfg.queue_name)?;
+    let tick = if provider_is_root {
+        tx.batch_execute(&format!("LOCK TABLE {src} IN SHARE MODE"))
+            .ctx(|| format!("cannot lock {src} on the provider (busy? raise lock_timeout)"))?;
+        force_new_tick(ticker, &cfg.queue_name)?
+    } else {
+        let t: Option<i64> = tx
+            .query_one(
+                "SELECT last_tick_id FROM londiste.node_info WHERE queue_name = $1 FOR UPDATE",
+                &[&cfg.queue_name],
+            )
+            .ctx(|| "cannot hold the provider's position (busy? raise lock_timeout)".into())?
+            .get(0);
+        t.unwrap_or(0)
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let n = node::require(local, &cfg.queue_name, &cfg.command_hint())?;
@@ -368,6 +400,24 @@ pub fn lock_and_sync(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A read-only transaction whose snapshot is taken now.
+pub fn snapshot_now<'a>(c: &'a mut Client, what: &str) -> Result<postgres::Transaction<'a>> {
+    let mut tx = c
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .ctx(|| format!("cannot begin on {what}"))?;
+    tx.batch_execute("SELECT 1")
+        .ctx(|| format!("cannot take a snapshot on {what}"))?;
+    Ok(tx)
+}
+
+/// Whether the node at `loc` is the root.
+pub fn is_root_at(c: &mut Client, queue: &str) -> Result<bool> {
+    Ok(node::load(c, queue)?.is_some_and(|n| n.is_root()))
 }
 
 /// Makes a tick now (when this process may tick the queue) or waits for the

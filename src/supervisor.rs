@@ -14,7 +14,7 @@ use crate::ticker::{TickNotice, Ticker};
 use crate::worker::Worker;
 use crossbeam_channel::{Sender, bounded, select, unbounded};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,8 @@ impl JobSpec {
 pub struct JobSet {
     pub pidfile: Option<PathBuf>,
     pub logfile: Option<PathBuf>,
+    /// The configuration file that set `logfile`, for error messages.
+    pub logfile_source: Option<PathBuf>,
     pub jobs: Vec<JobSpec>,
 }
 
@@ -60,6 +62,7 @@ impl Jobs {
         let one = |j: JobSpec| JobSet {
             pidfile: j.common().pidfile.clone(),
             logfile: j.common().logfile.clone(),
+            logfile_source: Some(j.common().file.clone()),
             jobs: vec![j],
         };
         match self {
@@ -77,14 +80,17 @@ impl Jobs {
 /// removed from a process file start and stop without a restart.
 pub fn load_jobs(files: &[PathBuf], sets: &[(String, String)]) -> Result<JobSet> {
     let mut jobs: Vec<JobSpec> = Vec::new();
-    let (mut pidfile, mut logfile) = (None, None);
+    let (mut pidfile, mut logfile, mut logfile_source) = (None, None, None);
     let mut job_files: Vec<PathBuf> = Vec::new();
     for f in files {
         let s = config::load_section(f, &["londiste-rs", "pgqd", "londiste3", "londiste"], sets)?;
         if s.name == "londiste-rs" && s.values.contains_key("jobs") {
-            s.warn_unknown(&["jobs", "pidfile", "logfile"]);
+            s.check_keys(&["jobs", "pidfile", "logfile"])?;
             pidfile = pidfile.or(s.path("pidfile"));
-            logfile = logfile.or(s.path("logfile"));
+            if logfile.is_none() && s.path("logfile").is_some() {
+                logfile = s.path("logfile");
+                logfile_source = Some(f.clone());
+            }
             let base = f.parent().map(|p| p.to_path_buf()).unwrap_or_default();
             for pat in s.list("jobs") {
                 job_files.extend(expand(&base, &pat).map_err(|e| {
@@ -112,10 +118,16 @@ pub fn load_jobs(files: &[PathBuf], sets: &[(String, String)]) -> Result<JobSet>
         jobs.push(j);
     }
     let pidfile = pidfile.or_else(|| jobs.iter().find_map(|j| j.common().pidfile.clone()));
-    let logfile = logfile.or_else(|| jobs.iter().find_map(|j| j.common().logfile.clone()));
+    if logfile.is_none()
+        && let Some(j) = jobs.iter().find(|j| j.common().logfile.is_some())
+    {
+        logfile = j.common().logfile.clone();
+        logfile_source = Some(j.common().file.clone());
+    }
     Ok(JobSet {
         pidfile,
         logfile,
+        logfile_source,
         jobs,
     })
 }
@@ -187,6 +199,41 @@ fn start(spec: JobSpec, tick_tx: &Sender<TickNotice>) -> Running {
     }
 }
 
+/// Fails early, naming the configuration file and the key, when the logfile
+/// cannot be written: after a daemon's fork the error would reach no one.
+fn check_logfile(p: &Path, source: Option<&Path>) -> Result<()> {
+    let file = source
+        .map(|s| format!("{}: ", s.display()))
+        .unwrap_or_default();
+    let dir = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let problem = if !dir.exists() {
+        format!(
+            "directory {} does not exist; create it or change logfile",
+            dir.display()
+        )
+    } else if !dir.is_dir() {
+        format!("{} is not a directory; change logfile", dir.display())
+    } else if p.is_dir() {
+        format!("{} is a directory; name a file in logfile", p.display())
+    } else {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
+            Ok(_) => return Ok(()),
+            Err(e) => format!(
+                "cannot write {}: {e}; fix the permissions or change logfile",
+                p.display()
+            ),
+        }
+    };
+    Err(Error::Config(format!("{file}key logfile: {problem}")))
+}
+
 /// Runs the jobs until stopped.
 pub fn run(jobs: Jobs, daemonize: bool, quiet: bool) -> Result<()> {
     let mut set = jobs.load()?;
@@ -195,15 +242,8 @@ pub fn run(jobs: Jobs, daemonize: bool, quiet: bool) -> Result<()> {
             "Daemon needs pidfile: set pidfile in the config file to use -d".into(),
         ));
     }
-    if let Some(p) = &set.logfile
-        && let Some(dir) = p.parent()
-        && !dir.as_os_str().is_empty()
-        && !dir.is_dir()
-    {
-        return Err(Error::Config(format!(
-            "logfile directory {} does not exist; create it or change logfile",
-            dir.display()
-        )));
+    if let Some(p) = &set.logfile {
+        check_logfile(p, set.logfile_source.as_deref())?;
     }
     // Everything that can fail is checked before daemonizing, while errors still
     // reach the terminal: after the fork they would only reach the log.
