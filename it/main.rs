@@ -20,4 +20,5 @@ mod reload;
 mod repair;
 mod repl;
 mod seqs;
+mod size;
 mod tutorial;

@@ -1,0 +1,111 @@
+//! Size: one transaction of 1,000,000 rows and one 100 MB value replicate,
+//! and the leaf's worker stays within bounded memory meanwhile (its peak
+//! RSS is printed; run with --nocapture to see it).
+
+use crate::harness::{Cluster, poll_until};
+use crate::repl::Repl;
+use std::time::{Duration, Instant};
+
+/// Peak resident set size of a process, in MB.
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// count and an order-independent hash of each table, for comparing big
+/// tables without dumping them.
+fn fingerprint(c: &mut postgres::Client) -> Vec<String> {
+    c.query(
+        "SELECT 'big', count(*)::text || '/' || coalesce(sum(hashtext(b::text)::int8), 0)::text FROM big b
+         UNION ALL
+         SELECT 'huge', string_agg(id::text || ':' || length(v)::text || ':' || md5(v), ',' ORDER BY id) FROM huge",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| format!("{}={}", r.get::<_, String>(0), r.get::<_, Option<String>>(1).unwrap_or_default()))
+    .collect()
+}
+
+#[test]
+fn million_row_transaction_and_100mb_value() {
+    let c = Cluster::shared();
+    let schema = "CREATE TABLE big (id bigint PRIMARY KEY, n int, t text);
+                  CREATE TABLE huge (id int PRIMARY KEY, v text);";
+    let mut r = Repl::new("size", schema, schema, "");
+    r.replicate_in_sync(false, &["big", "huge"]);
+    let worker_pid = r.procs[1].0.id();
+    let mut m = c.client(&r.master);
+    let mut s = c.client(&r.slave);
+
+    let started = Instant::now();
+    m.batch_execute(
+        "INSERT INTO big SELECT g, g % 1000, 'row ' || g || repeat('x', 40) FROM generate_series(1, 1000000) g",
+    )
+    .unwrap();
+    let inserted = started.elapsed();
+    let want = fingerprint(&mut m);
+    poll_until(
+        "1,000,000 rows on the leaf",
+        Duration::from_secs(180),
+        || {
+            let got = fingerprint(&mut s);
+            if got == want {
+                Ok(true)
+            } else {
+                Err(format!("{got:?} vs {want:?}"))
+            }
+        },
+    );
+    let big_s = started.elapsed();
+    let rss_big = peak_rss_mb(worker_pid);
+
+    // 100 MB of text that does not compress: 1 MB of md5 hex, repeated (a
+    // period beyond pglz's and lz4's windows).
+    let started = Instant::now();
+    m.batch_execute(
+        "INSERT INTO huge SELECT 1, repeat(string_agg(md5(g::text), ''), 100) FROM generate_series(1, 32768) g;
+         INSERT INTO huge VALUES (2, 'small');",
+    )
+    .unwrap();
+    m.batch_execute("UPDATE huge SET v = v || 'tail' WHERE id = 1")
+        .unwrap();
+    let want = fingerprint(&mut m);
+    assert!(want[1].contains(":104857604:"), "{want:?}");
+    poll_until(
+        "the 100 MB value on the leaf",
+        Duration::from_secs(180),
+        || {
+            let got = fingerprint(&mut s);
+            if got == want {
+                Ok(true)
+            } else {
+                Err(format!("{:.80?}", got))
+            }
+        },
+    );
+    let huge_s = started.elapsed();
+    let rss_huge = peak_rss_mb(worker_pid);
+    println!(
+        "size: 1,000,000-row transaction: insert {:.1}s, on the leaf after {:.1}s, worker peak RSS {rss_big:.0} MB; \
+         100 MB value (insert + update): on the leaf after {:.1}s, worker peak RSS {rss_huge:.0} MB",
+        inserted.as_secs_f64(),
+        big_s.as_secs_f64(),
+        huge_s.as_secs_f64()
+    );
+    // Bounded: a few copies of the largest value, not of the transaction.
+    assert!(
+        rss_big < 300.0,
+        "worker peak RSS {rss_big:.0} MB after 1,000,000 rows"
+    );
+    assert!(
+        rss_huge < 1024.0,
+        "worker peak RSS {rss_huge:.0} MB with a 100 MB value"
+    );
+    r.assert_running();
+}
