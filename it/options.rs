@@ -344,3 +344,40 @@ fn subscriber_options_do_what_they_say() {
     );
     assert_eq!(state(&mut s, "public.later"), None);
 }
+
+/// parallel_copies bounds how many tables are copied at once: the log's
+/// "starting copy of" and "is in sync" lines never show more in flight.
+#[test]
+fn parallel_copies_bounds_concurrent_copies() {
+    let schema: String = (1..=5)
+        .map(|i| format!("CREATE TABLE t{i} (id int PRIMARY KEY, v text);"))
+        .collect();
+    let data: String = (1..=5)
+        .map(|i| {
+            format!("INSERT INTO t{i} SELECT g, md5(g::text) FROM generate_series(1, 20000) g;")
+        })
+        .collect();
+    let r = Repl::new("pcopy", &format!("{schema}{data}"), &schema, "");
+    let ini = r.dir.read("slave.ini");
+    r.dir
+        .write("slave.ini", &format!("{ini}parallel_copies = 2\n"));
+    let mut r = r;
+    let tables = ["t1", "t2", "t3", "t4", "t5"];
+    r.replicate_in_sync(false, &tables);
+    let log = r.dir.read("log/slave.log");
+    let (mut running, mut most) = (0, 0);
+    for l in log.lines() {
+        if l.contains("starting copy of") {
+            running += 1;
+            most = most.max(running);
+        } else if l.contains(" is in sync (tick") {
+            running -= 1;
+        }
+    }
+    assert_eq!(running, 0, "unbalanced copy lines:\n{log}");
+    assert!(
+        most <= 2,
+        "{most} copies at once with parallel_copies = 2:\n{log}"
+    );
+    assert_eq!(most, 2, "the limit was not reached (tables added at once):\n{log}");
+}
