@@ -5,8 +5,9 @@
 
 use crate::harness::{Cluster, KillOnDrop, TestDir, poll_until, run, spawn, unique_name};
 use crate::tutorial::{PidGuard, ok, output_text, wait_pidfile_gone};
+use londiste_rs::install::install_pgq;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const EX_USAGE: i32 = 64;
 const EX_CONFIG: i32 = 78;
@@ -283,4 +284,166 @@ fn config_errors_exit_78_with_one_line() {
     config_error("pgqd", &["-d", "nopid_ticker.ini"], d, &["pidfile"]);
     // -s needs a pidfile too.
     config_error("pgqd", &["-s", "nopid_ticker.ini"], d, &["pidfile"]);
+}
+
+/// Inserts an event into queue `q` of `db` and waits (at most 10 s) until
+/// consumer `c` gets it through next_batch / get_batch_events /
+/// finish_batch, which needs a tick that only pgqd makes. Returns how long
+/// that took.
+fn delivered(cl: &Cluster, db: &str, data: &str) -> Duration {
+    let mut c = cl.client(db);
+    let start = Instant::now();
+    c.execute("SELECT pgq.insert_event('q', 'x', $1)", &[&data])
+        .unwrap();
+    let mut seen = Vec::new();
+    poll_until(
+        &format!("event {data:?} in a batch of {db}"),
+        Duration::from_secs(10),
+        || {
+            let batch: Option<i64> = c
+                .query_one("SELECT pgq.next_batch('q', 'c')", &[])
+                .map_err(|e| e.to_string())?
+                .get(0);
+            if let Some(b) = batch {
+                for r in c
+                    .query("SELECT ev_data FROM pgq.get_batch_events($1)", &[&b])
+                    .map_err(|e| e.to_string())?
+                {
+                    seen.push(r.get::<_, String>(0));
+                }
+                c.execute("SELECT pgq.finish_batch($1)", &[&b])
+                    .map_err(|e| e.to_string())?;
+            }
+            if seen.iter().any(|s| s == data) {
+                Ok(true)
+            } else {
+                Err(format!("batches so far: {seen:?}"))
+            }
+        },
+    );
+    start.elapsed()
+}
+
+/// pgq installed, queue `q` with consumer `c`.
+fn pgq_queue(cl: &Cluster, db: &str) {
+    let mut c = cl.client(db);
+    install_pgq(&mut c).expect("install pgq");
+    c.batch_execute("SELECT pgq.create_queue('q'); SELECT pgq.register_consumer('q', 'c')")
+        .unwrap();
+}
+
+fn errors(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains(" ERROR ") || l.contains(" WARN "))
+        .collect()
+}
+
+/// With an empty database_list pgqd ticks every database that accepts
+/// connections and has the pgq schema, found on its own: those there at
+/// start, one created while it runs and one where pgq is installed later
+/// (both within check_period and a second); it installs nothing elsewhere,
+/// leaves a database that does not accept connections alone without a
+/// complaint, and forgets a dropped one while ticking the rest. On a private
+/// cluster, so that it does not tick other tests' queues.
+#[test]
+fn pgqd_without_database_list_ticks_every_database_with_pgq() {
+    let cl = Cluster::start();
+    let (a, b, plain, closed, late) = (
+        unique_name("auto_a"),
+        unique_name("auto_b"),
+        unique_name("auto_plain"),
+        unique_name("auto_closed"),
+        unique_name("auto_late"),
+    );
+    for db in [&a, &b, &plain, &closed] {
+        cl.create_db(db);
+    }
+    pgq_queue(&cl, &a);
+    pgq_queue(&cl, &b);
+    pgq_queue(&cl, &closed);
+    cl.client(&closed)
+        .execute("SELECT pgq.insert_event('q', 'x', 'never')", &[])
+        .unwrap();
+    cl.client("postgres")
+        .batch_execute(&format!(
+            "ALTER DATABASE {closed} WITH ALLOW_CONNECTIONS false"
+        ))
+        .unwrap();
+
+    let dir = TestDir::new();
+    dir.write(
+        "ticker.ini",
+        &format!(
+            "[pgqd]\nbase_connstr = {}\ndatabase_list =\nticker_period = 0.05\n\
+             check_period = 0.5\nlogfile = pgqd.log\n",
+            cl.base_connstr()
+        ),
+    );
+    let mut p = KillOnDrop(spawn("pgqd", &["ticker.ini"], dir.path()));
+    let log = dir.path().join("pgqd.log");
+
+    for db in [&a, &b] {
+        delivered(&cl, db, "first");
+    }
+    let has_pgq = |db: &str| cl.psql(db, "SELECT to_regnamespace('pgq') IS NOT NULL");
+    assert_eq!(has_pgq(&plain), "f", "pgqd installed pgq in {plain}");
+
+    // A database created while pgqd runs, and pgq installed after pgqd has
+    // seen a database without it.
+    cl.create_db(&late);
+    pgq_queue(&cl, &late);
+    let took = delivered(&cl, &late, "late");
+    assert!(
+        took < Duration::from_secs(5),
+        "new database ticked after {took:?}"
+    );
+    pgq_queue(&cl, &plain);
+    let took = delivered(&cl, &plain, "installed later");
+    assert!(
+        took < Duration::from_secs(5),
+        "pgq installed later ticked after {took:?}"
+    );
+    let text = read_or_empty(&log);
+    for db in [&a, &b, &late, &plain] {
+        assert!(
+            text.contains(&format!("database {db}: ticking")),
+            "no 'ticking' line for {db}: {text}"
+        );
+    }
+    assert!(errors(&text).is_empty(), "pgqd logged problems: {text}");
+    assert!(!text.contains(&closed), "pgqd tried {closed}: {text}");
+
+    // A dropped database is forgotten; the others keep being ticked.
+    cl.client("postgres")
+        .batch_execute(&format!("DROP DATABASE {b} WITH (FORCE)"))
+        .unwrap();
+    poll_until(
+        "pgqd to forget the dropped database",
+        Duration::from_secs(10),
+        || Ok(read_or_empty(&log).contains(&format!("database {b} is no longer in the list"))),
+    );
+    for db in [&a, &late] {
+        delivered(&cl, db, "after drop");
+    }
+    assert!(
+        p.0.try_wait().unwrap().is_none(),
+        "pgqd exited: {}",
+        read_or_empty(&log)
+    );
+    let text = read_or_empty(&log);
+    let others: Vec<&str> = errors(&text)
+        .into_iter()
+        .filter(|l| !l.contains(&b))
+        .collect();
+    assert!(others.is_empty(), "pgqd logged problems: {others:#?}");
+
+    // The database that accepts no connections still has only its first
+    // tick (from create_queue): pgqd never ticked it.
+    drop(p);
+    cl.client("postgres")
+        .batch_execute(&format!(
+            "ALTER DATABASE {closed} WITH ALLOW_CONNECTIONS true"
+        ))
+        .unwrap();
+    assert_eq!(cl.psql(&closed, "SELECT count(*) FROM pgq.tick"), "1");
 }

@@ -379,5 +379,8 @@ fn parallel_copies_bounds_concurrent_copies() {
         most <= 2,
         "{most} copies at once with parallel_copies = 2:\n{log}"
     );
-    assert_eq!(most, 2, "the limit was not reached (tables added at once):\n{log}");
+    assert_eq!(
+        most, 2,
+        "the limit was not reached (tables added at once):\n{log}"
+    );
 }

@@ -3,7 +3,7 @@
 //! would use it: install, capture triggers, ticks, batches, retry, rotation.
 //! Every test has its own database in the shared cluster.
 
-use crate::harness::{Cluster, table_dump, unique_name};
+use crate::harness::{Cluster, KillOnDrop, TestDir, spawn, table_dump, unique_name};
 use londiste_rs::install::install_pgq;
 use londiste_rs::record::{ident, parse_columns, parse_record, parse_text_array, split_rows};
 use postgres::{Client, NoTls};
@@ -274,19 +274,58 @@ fn non_superuser_installs_and_replicates() {
     admin.batch_execute(&format!("DROP ROLE {role}")).unwrap();
 }
 
+/// Who ticks and rotates the event tables during a load run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Ticking {
+    /// A thread calling `pgq.ticker()` every 10 ms; no rotation.
+    Thread,
+    /// The ticker thread, plus a thread rotating the event tables as often as
+    /// the rotation rules let it (rotation_period 0).
+    ThreadAndRotator,
+    /// The real `pgqd` binary ticks and runs maintenance (rotation_period
+    /// 0.1 s); the test itself never calls the ticker or the rotation steps.
+    Pgqd,
+}
+
+/// Long transactions that write events while the ticker ticks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum LongTx {
+    None,
+    /// One transaction spanning the whole run.
+    One,
+    /// One after the other, each about 0.4 s long (many ticks, and long
+    /// enough to hold a rotation back).
+    Repeated,
+}
+
+/// A long transaction of a load run.
+struct LongTxResult {
+    txid: i64,
+    ids: BTreeSet<i64>,
+    /// Ticks made while it was open.
+    ticks: i64,
+}
+
 /// Shared state of a load run: concurrent writers (some transactions rolled
-/// back), a ticker every 10 ms, a consumer, optionally rotation and one long
-/// transaction spanning many ticks.
+/// back), a ticker, a consumer, optionally rotation and long transactions
+/// spanning many ticks.
 struct LoadResult {
     committed: BTreeSet<i64>,
     rolled_back: BTreeSet<i64>,
     events: Vec<Ev>,
-    long_tx: Option<(i64, BTreeSet<i64>, i64)>, // txid, ids, ticks it spanned
+    long_txs: Vec<LongTxResult>,
     rotations: usize,
+    /// The pgqd logfile, when pgqd ticked.
+    pgqd_log: Option<String>,
 }
 
-fn run_load(db: &str, long_tx: bool, rotate: bool) -> LoadResult {
+fn run_load(db: &str, long_tx: LongTx, ticking: Ticking) -> LoadResult {
     let cl = Cluster::shared();
+    let rotation_period = match ticking {
+        Ticking::Thread => None,
+        Ticking::ThreadAndRotator => Some("0"),
+        Ticking::Pgqd => Some("0.1 s"),
+    };
     {
         let mut c = cl.client(db);
         c.batch_execute(
@@ -296,9 +335,12 @@ fn run_load(db: &str, long_tx: bool, rotate: bool) -> LoadResult {
              SELECT pgq.capture_create('q', 't'::regclass);",
         )
         .unwrap();
-        if rotate {
-            c.batch_execute("SELECT pgq.set_queue_config('q', 'rotation_period', '0')")
-                .unwrap();
+        if let Some(p) = rotation_period {
+            c.execute(
+                "SELECT pgq.set_queue_config('q', 'rotation_period', $1)",
+                &[&p],
+            )
+            .unwrap();
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -307,7 +349,20 @@ fn run_load(db: &str, long_tx: bool, rotate: bool) -> LoadResult {
     let events = Arc::new(Mutex::new(Vec::<Ev>::new()));
     let start = Instant::now();
 
-    let ticker = {
+    // pgqd, ticking this database only, maintenance every 0.1 s.
+    let pgqd_dir = TestDir::new();
+    let mut pgqd = (ticking == Ticking::Pgqd).then(|| {
+        pgqd_dir.write(
+            "ticker.ini",
+            &format!(
+                "[pgqd]\nbase_connstr = {}\ndatabase_list = {db}\nticker_period = 0.02\n\
+                 maint_period = 0.1\nretry_period = 1\nstats_period = 1\nlogfile = pgqd.log\n",
+                cl.base_connstr()
+            ),
+        );
+        KillOnDrop(spawn("pgqd", &["ticker.ini"], pgqd_dir.path()))
+    });
+    let ticker = (ticking != Ticking::Pgqd).then(|| {
         let (db, stop) = (db.to_string(), stop.clone());
         thread::spawn(move || {
             let mut c = Cluster::shared().client(&db);
@@ -316,48 +371,65 @@ fn run_load(db: &str, long_tx: bool, rotate: bool) -> LoadResult {
                 thread::sleep(Duration::from_millis(10));
             }
         })
-    };
+    });
     let consumer = {
         let (db, stop, events) = (db.to_string(), stop.clone(), events.clone());
         thread::spawn(move || {
             let mut c = Cluster::shared().client(&db);
+            let mut n = 0;
             while !stop.load(Ordering::SeqCst) {
                 match take_batch(&mut c, "q", "c") {
                     Some((_, evs)) => events.lock().unwrap().extend(evs),
                     None => thread::sleep(Duration::from_millis(3)),
                 }
+                n += 1;
+                // Under pgqd the consumer falls behind now and then, for
+                // longer than a rotation period: rotation must wait for it.
+                if ticking == Ticking::Pgqd && n % 100 == 0 {
+                    thread::sleep(Duration::from_millis(600));
+                }
             }
         })
     };
-    let rotator = rotate.then(|| {
+    // Counts rotations as pgq.get_queue_info() shows them; with the rotator
+    // thread, also does the rotating.
+    let watcher = (ticking != Ticking::Thread).then(|| {
         let (db, stop, rotations) = (db.to_string(), stop.clone(), rotations.clone());
         thread::spawn(move || {
             let mut c = Cluster::shared().client(&db);
-            let cur = |c: &mut Client| -> i32 {
-                c.query_one(
-                    "SELECT queue_cur_table FROM pgq.queue WHERE queue_name = 'q'",
-                    &[],
-                )
-                .unwrap()
-                .get(0)
+            let info = |c: &mut Client| -> (i32, String) {
+                let r = c
+                    .query_one(
+                        "SELECT queue_cur_table, queue_switch_time::text FROM pgq.get_queue_info('q')",
+                        &[],
+                    )
+                    .unwrap();
+                (r.get(0), r.get(1))
             };
-            let mut last = cur(&mut c);
+            let mut last = info(&mut c);
             while !stop.load(Ordering::SeqCst) {
-                c.execute("SELECT pgq.maint_rotate_tables_step1('q')", &[])
-                    .expect("step1");
-                c.execute("SELECT pgq.maint_rotate_tables_step2()", &[])
-                    .expect("step2");
-                let now = cur(&mut c);
-                if now != last {
-                    assert_eq!(now, (last + 1) % 3, "rotation must go to the next table");
-                    rotations.fetch_add(1, Ordering::SeqCst);
+                if ticking == Ticking::ThreadAndRotator {
+                    c.execute("SELECT pgq.maint_rotate_tables_step1('q')", &[])
+                        .expect("step1");
+                    c.execute("SELECT pgq.maint_rotate_tables_step2()", &[])
+                        .expect("step2");
+                }
+                let now = info(&mut c);
+                if now.1 != last.1 {
+                    let steps = (now.0 - last.0).rem_euclid(3) as usize;
+                    if ticking == Ticking::ThreadAndRotator {
+                        assert_eq!(steps, 1, "rotation must go to the next table");
+                    }
+                    // pgqd rotates at most every 0.1 s and this polls every
+                    // 5 ms, but a stalled machine could see two at once.
+                    rotations.fetch_add(if steps == 0 { 3 } else { steps }, Ordering::SeqCst);
                     last = now;
                 }
                 thread::sleep(Duration::from_millis(5));
             }
         })
     });
-    let long = long_tx.then(|| {
+    let long = (long_tx != LongTx::None).then(|| {
         let (db, writers_stop) = (db.to_string(), writers_stop.clone());
         thread::spawn(move || {
             let mut c = Cluster::shared().client(&db);
@@ -366,29 +438,44 @@ fn run_load(db: &str, long_tx: bool, rotate: bool) -> LoadResult {
                     .unwrap()
                     .get(0)
             };
-            let t0 = max_tick(&mut c);
-            let mut tx = c.transaction().unwrap();
-            let txid: i64 = tx.query_one("SELECT txid_current()", &[]).unwrap().get(0);
-            let mut ids = BTreeSet::new();
-            let mut i = 0i64;
-            while !writers_stop.load(Ordering::SeqCst) || i < 5 {
-                let id = 900_000_000 + i;
-                tx.execute("INSERT INTO t VALUES ($1, -1, 'long')", &[&id])
-                    .unwrap();
-                ids.insert(id);
-                if i == 2 {
-                    // A rolled-back subtransaction's events vanish with it.
-                    tx.batch_execute(
-                        "SAVEPOINT s; INSERT INTO t VALUES (999999999, -1, 'sp'); ROLLBACK TO SAVEPOINT s",
-                    )
-                    .unwrap();
+            let mut out = Vec::new();
+            let mut k = 0i64;
+            loop {
+                let t0 = max_tick(&mut c);
+                let mut tx = c.transaction().unwrap();
+                let txid: i64 = tx.query_one("SELECT txid_current()", &[]).unwrap().get(0);
+                let mut ids = BTreeSet::new();
+                let mut i = 0i64;
+                while i < 5
+                    || !(writers_stop.load(Ordering::SeqCst)
+                        || (long_tx == LongTx::Repeated && i >= 12))
+                {
+                    let id = 900_000_000 + k * 10_000 + i;
+                    tx.execute("INSERT INTO t VALUES ($1, -1, 'long')", &[&id])
+                        .unwrap();
+                    ids.insert(id);
+                    if i == 2 {
+                        // A rolled-back subtransaction's events vanish with it.
+                        tx.batch_execute("SAVEPOINT s").unwrap();
+                        tx.execute("INSERT INTO t VALUES ($1, -1, 'sp')", &[&(990_000_000 + k)])
+                            .unwrap();
+                        tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+                    }
+                    i += 1;
+                    thread::sleep(Duration::from_millis(30));
                 }
-                i += 1;
-                thread::sleep(Duration::from_millis(30));
+                tx.commit().unwrap();
+                let t1 = max_tick(&mut c);
+                out.push(LongTxResult {
+                    txid,
+                    ids,
+                    ticks: t1 - t0,
+                });
+                if writers_stop.load(Ordering::SeqCst) {
+                    return out;
+                }
+                k += 1;
             }
-            tx.commit().unwrap();
-            let t1 = max_tick(&mut c);
-            (txid, ids, t1 - t0)
         })
     });
     let writers: Vec<_> = (0..3i64)
@@ -435,7 +522,7 @@ fn run_load(db: &str, long_tx: bool, rotate: bool) -> LoadResult {
 
     // Let the writers run long enough: ~1.5 s, or until 4 rotations happened
     // (a loaded CI machine may need far longer than a quiet one).
-    let want_rot = if rotate { 4 } else { 0 };
+    let want_rot = if ticking == Ticking::Thread { 0 } else { 4 };
     while start.elapsed() < Duration::from_millis(1500)
         || (rotations.load(Ordering::SeqCst) < want_rot
             && start.elapsed() < Duration::from_secs(30))
@@ -449,10 +536,12 @@ fn run_load(db: &str, long_tx: bool, rotate: bool) -> LoadResult {
         committed.extend(c);
         rolled_back.extend(r);
     }
-    let long_res = long.map(|h| h.join().expect("long transaction"));
-    if let Some((_, ids, _)) = &long_res {
-        committed.extend(ids.iter().copied());
-        rolled_back.insert(999_999_999);
+    let long_txs = long
+        .map(|h| h.join().expect("long transactions"))
+        .unwrap_or_default();
+    for (k, l) in long_txs.iter().enumerate() {
+        committed.extend(l.ids.iter().copied());
+        rolled_back.insert(990_000_000 + k as i64);
     }
 
     // Everything committed must reach the consumer soon after a forced tick.
@@ -474,19 +563,29 @@ fn run_load(db: &str, long_tx: bool, rotate: bool) -> LoadResult {
         thread::sleep(Duration::from_millis(20));
     }
     stop.store(true, Ordering::SeqCst);
-    ticker.join().expect("ticker");
-    consumer.join().expect("consumer");
-    if let Some(h) = rotator {
-        h.join().expect("rotator");
+    if let Some(h) = ticker {
+        h.join().expect("ticker");
     }
+    consumer.join().expect("consumer");
+    if let Some(h) = watcher {
+        h.join().expect("rotation watcher");
+    }
+    let pgqd_log = pgqd.as_mut().map(|p| {
+        let status = p.0.try_wait().expect("pgqd status");
+        assert!(status.is_none(), "pgqd exited during the run: {status:?}");
+        let _ = p.0.kill();
+        let _ = p.0.wait();
+        pgqd_dir.read("pgqd.log")
+    });
     // Whatever is still queued (there should be nothing) counts too.
     let mut all = std::mem::take(&mut *events.lock().unwrap());
     all.extend(drain(&mut c, "q", "c"));
     eprintln!(
-        "load: {} rows committed, {} rolled back, {} events, {} rotations, {:.1}s",
+        "load ({ticking:?}): {} rows committed, {} rolled back, {} events, {} long transactions, {} rotations, {:.1}s",
         committed.len(),
         rolled_back.len(),
         all.len(),
+        long_txs.len(),
         rotations.load(Ordering::SeqCst),
         start.elapsed().as_secs_f64()
     );
@@ -494,8 +593,9 @@ fn run_load(db: &str, long_tx: bool, rotate: bool) -> LoadResult {
         committed,
         rolled_back,
         events: all,
-        long_tx: long_res,
+        long_txs,
         rotations: rotations.load(Ordering::SeqCst),
+        pgqd_log,
     }
 }
 
@@ -536,29 +636,48 @@ fn assert_exactly_once(r: &LoadResult) {
     }
 }
 
+/// Every long transaction's events, and only they, in exactly one batch,
+/// although the transaction stayed open over many ticks.
+fn assert_long_txs_whole(r: &LoadResult) {
+    assert!(!r.long_txs.is_empty(), "no long transaction ran");
+    for l in &r.long_txs {
+        assert!(
+            l.ticks >= 5,
+            "long transaction {} spanned only {} ticks",
+            l.txid,
+            l.ticks
+        );
+        let evs: Vec<&Ev> = r.events.iter().filter(|e| e.txid == l.txid).collect();
+        let ids: BTreeSet<i64> = evs.iter().map(|e| row_id(e)).collect();
+        assert_eq!(ids, l.ids, "events of long transaction {}", l.txid);
+        assert_eq!(
+            evs.len(),
+            l.ids.len(),
+            "events of long transaction {}",
+            l.txid
+        );
+        let batches: BTreeSet<i64> = evs.iter().map(|e| e.batch).collect();
+        assert_eq!(
+            batches.len(),
+            1,
+            "long transaction {} split over batches {batches:?}",
+            l.txid
+        );
+    }
+}
+
 #[test]
 fn batches_deliver_each_committed_event_exactly_once() {
     let (db, _c) = pgq_db("pgq_once");
-    let r = run_load(&db, true, false);
+    let r = run_load(&db, LongTx::One, Ticking::Thread);
     assert!(
         r.committed.len() > 200,
         "too little load: {}",
         r.committed.len()
     );
     assert_exactly_once(&r);
-    let (txid, ids, ticks) = r.long_tx.as_ref().unwrap();
-    assert!(
-        *ticks >= 5,
-        "the long transaction spanned only {ticks} ticks"
-    );
-    let long_evs: Vec<&Ev> = r.events.iter().filter(|e| e.txid == *txid).collect();
-    assert_eq!(long_evs.len(), ids.len(), "events of the long transaction");
-    let batches: BTreeSet<i64> = long_evs.iter().map(|e| e.batch).collect();
-    assert_eq!(
-        batches.len(),
-        1,
-        "long transaction split over batches {batches:?}"
-    );
+    assert_eq!(r.long_txs.len(), 1);
+    assert_long_txs_whole(&r);
     let all_batches: BTreeSet<i64> = r.events.iter().map(|e| e.batch).collect();
     assert!(all_batches.len() > 5, "only {} batches", all_batches.len());
 }
@@ -566,7 +685,7 @@ fn batches_deliver_each_committed_event_exactly_once() {
 #[test]
 fn rotation_under_load_loses_nothing() {
     let (db, _c) = pgq_db("pgq_rot");
-    let r = run_load(&db, false, true);
+    let r = run_load(&db, LongTx::None, Ticking::ThreadAndRotator);
     // Three rotations from table 0 end on table 0 again: the step that truncates
     // a table which held delivered events is the one that could lose any.
     assert!(
@@ -575,6 +694,65 @@ fn rotation_under_load_loses_nothing() {
         r.rotations
     );
     assert_exactly_once(&r);
+}
+
+/// The real daemon instead of test threads: `pgqd` ticks every 20 ms and
+/// rotates the event tables (rotation_period 0.1 s, maint_period 0.1 s)
+/// while writers commit and roll back, long transactions stay open over
+/// many ticks and rotation periods, and the consumer now and then falls
+/// behind for 0.6 s. A consumer using only next_batch / get_batch_events /
+/// finish_batch gets every committed row exactly once.
+#[test]
+fn pgqd_ticking_and_rotating_delivers_each_event_exactly_once() {
+    let (db, mut c) = pgq_db("pgq_pgqd_rot");
+    let r = run_load(&db, LongTx::Repeated, Ticking::Pgqd);
+    assert!(
+        r.rotations >= 3,
+        "pgqd never cycled through the event tables: {} rotations",
+        r.rotations
+    );
+    assert!(
+        r.committed.len() > 200,
+        "too little load: {}",
+        r.committed.len()
+    );
+    assert_exactly_once(&r);
+    assert!(
+        r.long_txs.len() >= 2,
+        "only {} long transactions ran",
+        r.long_txs.len()
+    );
+    assert_long_txs_whole(&r);
+    let all_batches: BTreeSet<i64> = r.events.iter().map(|e| e.batch).collect();
+    assert!(all_batches.len() > 5, "only {} batches", all_batches.len());
+    // Rotation really emptied tables: fewer events are left than were delivered.
+    let pfx: String = c
+        .query_one(
+            "SELECT queue_data_pfx FROM pgq.queue WHERE queue_name = 'q'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let stored: i64 = c
+        .query_one(&format!("SELECT count(*) FROM {pfx}"), &[])
+        .unwrap()
+        .get(0);
+    let delivered: BTreeSet<i64> = r.events.iter().map(|e| e.id).collect();
+    assert!(
+        (stored as usize) < delivered.len(),
+        "event tables still hold {stored} of {} delivered events",
+        delivered.len()
+    );
+    let log = r.pgqd_log.as_deref().unwrap();
+    assert!(
+        log.contains(&format!("database {db}: ticking")),
+        "pgqd log: {log}"
+    );
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" ERROR ") || l.contains(" WARN "))
+        .collect();
+    assert!(errors.is_empty(), "pgqd logged problems: {errors:#?}");
 }
 
 #[test]
@@ -834,6 +1012,244 @@ fn consumer_info_shows_pending_events_and_lag() {
     assert_eq!(open2, None);
 }
 
+/// One `pgq.ticker(queue)` call and what it decided on: the events counted
+/// since the last tick, the lag since it and the gap between the last two
+/// ticks (0 with one tick), all read in the ticker's own transaction, so
+/// they are as of the same now().
+#[derive(Debug, Clone)]
+struct TickerCall {
+    tick: Option<i64>,
+    new_events: i64,
+    lag: f64,
+    gap: f64,
+}
+
+fn ticker_call(c: &mut Client, queue: &str) -> TickerCall {
+    let mut tx = c.transaction().unwrap();
+    let r = tx
+        .query_one(
+            "SELECT pgq.seq_getval(q.queue_event_seq) - t.tick_event_seq,
+                    extract(epoch FROM now() - t.tick_time)::float8,
+                    coalesce(extract(epoch FROM t.tick_time - (
+                        SELECT p.tick_time FROM pgq.tick p
+                         WHERE p.tick_queue = q.queue_id AND p.tick_id < t.tick_id
+                         ORDER BY p.tick_id DESC LIMIT 1))::float8, 0)
+               FROM pgq.queue q JOIN pgq.tick t ON t.tick_queue = q.queue_id
+              WHERE q.queue_name = $1 ORDER BY t.tick_id DESC LIMIT 1",
+            &[&queue],
+        )
+        .unwrap();
+    let tick: Option<i64> = tx
+        .query_one("SELECT pgq.ticker($1)", &[&queue])
+        .unwrap()
+        .get(0);
+    tx.commit().unwrap();
+    TickerCall {
+        tick,
+        new_events: r.get(0),
+        lag: r.get(1),
+        gap: r.get(2),
+    }
+}
+
+/// The ticker's rules (see pgq.ticker in pgq.sql) when no transaction that
+/// wrote events was open at the last tick: with pending events, tick once
+/// there are ticker_max_count of them or ticker_max_lag has passed; on an
+/// idle queue, not before max_lag / 2, then once ticker_idle_period has
+/// passed or twice the previous gap between ticks (backoff).
+fn tick_expected(t: &TickerCall, max_count: i64, max_lag: f64, idle: f64) -> bool {
+    if t.new_events > 0 {
+        t.new_events >= max_count || t.lag >= max_lag
+    } else {
+        t.lag >= max_lag / 2.0 && (t.lag >= idle || t.lag >= 2.0 * t.gap)
+    }
+}
+
+/// Calls the ticker every 10 ms until it ticks (at most 10 s), checking each
+/// decision against `tick_expected`; returns every call.
+fn tick_until(
+    c: &mut Client,
+    queue: &str,
+    max_count: i64,
+    max_lag: f64,
+    idle: f64,
+) -> Vec<TickerCall> {
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    loop {
+        let t = ticker_call(c, queue);
+        assert_eq!(
+            t.tick.is_some(),
+            tick_expected(&t, max_count, max_lag, idle),
+            "ticker decision for {t:?} (max_count {max_count}, max_lag {max_lag}s, idle_period {idle}s)"
+        );
+        let done = t.tick.is_some();
+        calls.push(t);
+        if done {
+            return calls;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no tick after 10 s: {calls:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn set_config(c: &mut Client, queue: &str, param: &str, value: &str) {
+    c.execute(
+        "SELECT pgq.set_queue_config($1, $2, $3)",
+        &[&queue, &param, &value],
+    )
+    .unwrap_or_else(|e| panic!("set_queue_config {param} = {value}: {}", db_message(&e)));
+}
+
+/// When `pgq.ticker(queue)` makes a tick: ticker_max_count pending events
+/// tick at once, fewer wait for ticker_max_lag; an idle queue ticks with a
+/// doubling backoff up to ticker_idle_period, never before max_lag / 2; and
+/// a transaction that was open at the last tick and has committed since
+/// makes a tick at once although no new event was counted.
+#[test]
+fn ticker_ticks_on_max_count_max_lag_and_idle_period() {
+    let (db, mut c) = pgq_db("pgq_tickrules");
+    c.batch_execute(
+        "SELECT pgq.create_queue('q');
+         SELECT pgq.register_consumer('q', 'c');",
+    )
+    .unwrap();
+    set_config(&mut c, "q", "ticker_max_count", "5");
+    set_config(&mut c, "q", "ticker_max_lag", "1 hour");
+    set_config(&mut c, "q", "ticker_idle_period", "1 hour");
+    let info: (i32, String, String) = {
+        let r = c
+            .query_one(
+                "SELECT queue_ticker_max_count, queue_ticker_max_lag::text, \
+                 queue_ticker_idle_period::text FROM pgq.get_queue_info('q')",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!(info, (5, "01:00:00".into(), "01:00:00".into()));
+    let insert = |c: &mut Client, data: &str| {
+        c.execute("SELECT pgq.insert_event('q', 'x', $1)", &[&data])
+            .unwrap();
+    };
+    let batch_data = |c: &mut Client| -> Vec<String> {
+        let (_, evs) = take_batch(c, "q", "c").expect("a batch");
+        evs.into_iter().map(|e| e.data).collect()
+    };
+
+    // max_count: 4 pending events do not tick, the 5th does.
+    let t = ticker_call(&mut c, "q");
+    assert_eq!(t.tick, None, "an idle queue ticked: {t:?}");
+    for i in 1..=4 {
+        insert(&mut c, &format!("e{i}"));
+    }
+    let t = ticker_call(&mut c, "q");
+    assert_eq!((t.tick, t.new_events), (None, 4), "{t:?}");
+    insert(&mut c, "e5");
+    let t = ticker_call(&mut c, "q");
+    assert!(t.tick.is_some(), "5 events, max_count 5, no tick: {t:?}");
+    assert!(t.lag < 60.0);
+    assert_eq!(batch_data(&mut c), ["e1", "e2", "e3", "e4", "e5"]);
+    assert!(take_batch(&mut c, "q", "c").is_none());
+
+    // max_lag: 2 events (one of them in a transaction still open) wait for
+    // 1.5 s since the last tick, then tick. The batch has the committed one.
+    set_config(&mut c, "q", "ticker_max_lag", "1.5 s");
+    let cl = Cluster::shared();
+    let mut a = cl.client(&db);
+    let mut open = a.transaction().unwrap();
+    open.execute("SELECT pgq.insert_event('q', 'x', 'open')", &[])
+        .unwrap();
+    insert(&mut c, "late");
+    let calls = tick_until(&mut c, "q", 5, 1.5, 3600.0);
+    let (first, last) = (&calls[0], calls.last().unwrap());
+    assert_eq!((first.tick, first.new_events), (None, 2), "{calls:?}");
+    assert!(
+        last.lag < 2.5,
+        "ticked {}s after the last tick, max_lag 1.5 s",
+        last.lag
+    );
+    assert_eq!(batch_data(&mut c), ["late"]);
+
+    // No new event, but the open transaction commits: the next call ticks at
+    // once (the idle rules alone would wait twice the 1.5 s gap).
+    set_config(&mut c, "q", "ticker_max_lag", "0");
+    let t = ticker_call(&mut c, "q");
+    assert_eq!((t.tick, t.new_events), (None, 0), "{t:?}");
+    assert!(t.gap >= 1.5 && t.lag < 2.0 * t.gap, "{t:?}");
+    open.commit().unwrap();
+    let t = ticker_call(&mut c, "q");
+    assert!(
+        t.tick.is_some(),
+        "a committed transaction that was open at the last tick did not make a tick: {t:?}"
+    );
+    assert!(t.new_events == 0 && t.lag < 2.0 * t.gap, "{t:?}");
+    assert_eq!(batch_data(&mut c), ["open"]);
+
+    // An idle queue: ticks come with a doubling gap, capped at idle_period.
+    c.batch_execute("SELECT pgq.create_queue('i')").unwrap();
+    set_config(&mut c, "i", "ticker_max_count", "5");
+    set_config(&mut c, "i", "ticker_max_lag", "0");
+    set_config(&mut c, "i", "ticker_idle_period", "0.4 s");
+    let idle = 0.4;
+    let mut ticks = 0;
+    while ticks < 12 {
+        tick_until(&mut c, "i", 5, 0.0, idle);
+        ticks += 1;
+        let at_idle: i64 = c
+            .query_one(
+                "SELECT count(*) FROM (SELECT tick_time - lag(tick_time) OVER (ORDER BY tick_id) AS gap
+                   FROM pgq.tick t JOIN pgq.queue q ON q.queue_id = t.tick_queue
+                  WHERE q.queue_name = 'i') g WHERE gap >= '0.4 s'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if at_idle >= 3 {
+            break;
+        }
+    }
+    let gaps: Vec<f64> = c
+        .query(
+            "SELECT extract(epoch FROM tick_time - lag(tick_time) OVER (ORDER BY tick_id))::float8
+               FROM pgq.tick t JOIN pgq.queue q ON q.queue_id = t.tick_queue
+              WHERE q.queue_name = 'i' ORDER BY tick_id OFFSET 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        gaps.iter().filter(|&&g| g >= idle).count() >= 3,
+        "idle ticks never reached idle_period: gaps {gaps:?}"
+    );
+    for w in gaps.windows(2) {
+        let due = (2.0 * w[0]).min(idle);
+        assert!(
+            w[1] >= due && w[1] < due + 0.3,
+            "idle tick gap {} after a gap of {} (idle_period {idle}): gaps {gaps:?}",
+            w[1],
+            w[0]
+        );
+    }
+
+    // max_lag 2 s: an idle queue does not tick before 1 s, idle_period or not.
+    set_config(&mut c, "i", "ticker_max_lag", "2 s");
+    let calls = tick_until(&mut c, "i", 5, 2.0, idle);
+    let last = calls.last().unwrap();
+    assert!(last.lag >= 1.0 && last.lag < 1.5, "{calls:?}");
+    assert!(
+        calls
+            .iter()
+            .any(|t| t.tick.is_none() && t.lag >= idle && t.lag >= 2.0 * t.gap),
+        "no call was held back by max_lag / 2 alone: {calls:?}"
+    );
+}
+
 /// txid_current_snapshot() leaves the calling transaction out of xip: a tick
 /// taken in the same transaction as events (create_queue + insert_event, or
 /// pgq.ticker() after writes) would count them as committed before the tick
@@ -881,7 +1297,8 @@ const RT_COLUMNS: &str = "id int PRIMARY KEY, n numeric, f8 float8, f4 float4, t
     d date, ts timestamp, tstz timestamptz, tm time, tmtz timetz, iv interval,
     ia int[], ta text[], comp pair, e mood, dom posint, r4 int4range, rtz tstzrange,
     mr int4multirange, j json, jb jsonb, ip inet, cid cidr, mac macaddr, pt point,
-    bx box, pg polygon, ci circle, bt bit(5), vb varbit, x xml, u uuid, m money";
+    bx box, pg polygon, ci circle, bt bit(5), vb varbit, x xml, u uuid, m money,
+    m8 macaddr8, ln line, ls lseg, pa path, pc path";
 
 /// A row with an odd value in every column (no id, no hstore).
 const RT_ROW: &str = r#"
@@ -896,17 +1313,47 @@ const RT_ROW: &str = r#"
     '{ "a" :  [1, 2 ,3],"b":"x\u00e9" , "a": 0 }', '{"b": [1, {"c": null}], "a": "é"}',
     '192.168.1.5/24', '10.0.0.0/8', '08:00:2b:01:02:03', '(1.5,-2)', '(1,1),(0,0)',
     '((0,0),(1,1),(1,0))', '<(0,0),1.5>', B'10101', B'1', '<a b="1">t &amp; x</a>',
-    'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '12.34'"#;
+    'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '12.34',
+    '08:00:2b:01:02:03:04:05', '{1,-1,0.5}', '[(0,0),(1.5,-2)]', '[(0,0),(1,1),(2,0)]',
+    '((0,0),(1,1),(2,0))'"#;
+
+/// The network and geometric columns of rows 1 to 4 as PostgreSQL prints
+/// them (extra_float_digits 3), then isopen(pa) and isclosed(pc).
+const RT_GEO_EXPECTED: &[&str] = &[
+    "1 | 08:00:2b:01:02:03:04:05 | {1,-1,0.5} | [(0,0),(1.5,-2)] | [(0,0),(1,1),(2,0)] | \
+     ((0,0),(1,1),(2,0)) | (1.5,-2) | (1,1),(0,0) | ((0,0),(1,1),(1,0)) | <(0,0),1.5> | \
+     192.168.1.5/24 | t | t",
+    // A 6-byte MAC as macaddr8 gets ff:fe in the middle.
+    "2 | 08:00:2b:ff:fe:01:02:03 | {0,1,-1e-310} | [(0.30000000000000004,1e+300),(-0,0)] | \
+     [(0.1,0.2)] | ((1e-310,5e-324),(1.7976931348623157e+308,0)) | (-0,NaN) | \
+     (Infinity,Infinity),(-Infinity,-Infinity) | ((0.30000000000000004,0)) | <(1e-310,-0),0> | \
+     fe80::1/64 | t | t",
+    // A line given by two points is stored as {A,B,C}.
+    "3 | ff:ff:ff:ff:ff:ff:ff:ff | {1,-1,0} | [(Infinity,-Infinity),(1,1)] | \
+     [(0,0),(-0,-0),(NaN,Infinity)] | ((0,0)) | (1e-310,-1.7976931348623157e+308) | \
+     (0,0),(0,0) | ((0,0),(0,0),(0,0)) | <(0,0),1e-310> | ::ffff:1.2.3.4 | t | t",
+    // Here pa holds a closed path and pc an open one; a box's corners are sorted.
+    "4 | 08:00:2b:01:02:03:04:05 | {1,0,-0.30000000000000004} | [(1,1),(1,1)] | \
+     ((1,2),(3,4),(5,6),(7,8),(9,10)) | [(-1e+308,1e+308)] | (0.1,0.2) | (3,4),(1,2) | \
+     ((-1,-1),(1,1),(1,-1),(-1,1)) | <(0,0),Infinity> | 0.0.0.0/0 | f | f",
+];
 
 const RT_HSTORE: &str = r#"'"a"=>"1", "b c"=>NULL, "q\"k"=>"v,w"'"#;
 
 /// Rows with special values in a few columns.
 const RT_SPARSE: &[&str] = &[
-    "(2, 'NaN', 'NaN', 'NaN', '', '\\x'::bytea, '4713-01-01 BC', '-infinity', 'infinity', '-178000000 years', '{}', '{}', '(,)', '[]', 'null', '')",
-    "(3, 'Infinity', '1e-310', '-0', 'NULL', NULL, '0001-01-01', '1999-12-31 23:59:59', '1970-01-01 00:00:00+00', '0', '{}', '{NULL,\"NULL\"}', '(,\"\")', '\"\"', '\"null\"', NULL)",
-    "(4, '-Infinity', 'Infinity', '1.4e-45', ' ', NULL, '5874897-12-31', '294276-12-31 23:59:59.999999', '-infinity', '-1 days +00:00:00.000001', '[-5:-4]={7,8}', '{\"\",\" \"}', '(-1,\"()\")', '  [ ]  ', '[]', '<x/>')",
+    "(2, 'NaN', 'NaN', 'NaN', '', '\\x'::bytea, '4713-01-01 BC', '-infinity', 'infinity', '-178000000 years', '{}', '{}', '(,)', '[]', 'null', '',
+      '08:00:2b:01:02:03', '{0,1,-1e-310}', '[(0.30000000000000004,1e300),(-0,0)]', '[(0.1,0.2)]', '((1e-310,5e-324),(1.7976931348623157e308,0))',
+      '(-0,NaN)', '(Infinity,Infinity),(-Infinity,-Infinity)', '((0.30000000000000004,0))', '<(1e-310,-0),0>', 'fe80::1/64')",
+    "(3, 'Infinity', '1e-310', '-0', 'NULL', NULL, '0001-01-01', '1999-12-31 23:59:59', '1970-01-01 00:00:00+00', '0', '{}', '{NULL,\"NULL\"}', '(,\"\")', '\"\"', '\"null\"', NULL,
+      'ff:ff:ff:ff:ff:ff:ff:ff', '[(0,0),(1,1)]', '((Infinity,-Infinity),(1,1))', '[(0,0),(-0,-0),(NaN,Infinity)]', '((0,0))',
+      '(1e-310,-1.7976931348623157e308)', '(0,0),(0,0)', '((0,0),(0,0),(0,0))', '<(0,0),1e-310>', '::ffff:1.2.3.4')",
+    "(4, '-Infinity', 'Infinity', '1.4e-45', ' ', NULL, '5874897-12-31', '294276-12-31 23:59:59.999999', '-infinity', '-1 days +00:00:00.000001', '[-5:-4]={7,8}', '{\"\",\" \"}', '(-1,\"()\")', '  [ ]  ', '[]', '<x/>',
+      '0800.2b01.0203.0405', '{1,0,-0.30000000000000004}', '[(1,1),(1,1)]', '((1,2),(3,4),(5,6),(7,8),(9,10))', '[(-1e308,1e308)]',
+      '(0.1,0.2)', '(1,2),(3,4)', '((-1,-1),(1,1),(1,-1),(-1,1))', '<(0,0),Infinity>', '0.0.0.0/0')",
 ];
-const RT_SPARSE_COLS: &str = "(id, n, f8, f4, txt, b, d, ts, tstz, iv, ia, ta, comp, j, jb, x)";
+const RT_SPARSE_COLS: &str = "(id, n, f8, f4, txt, b, d, ts, tstz, iv, ia, ta, comp, j, jb, x,
+    m8, ln, ls, pa, pc, pt, bx, pg, ci, ip)";
 
 fn rt_setup(c: &mut Client) -> bool {
     let hstore = c
@@ -1091,6 +1538,21 @@ fn trigger_round_trips_every_type_family_exactly() {
             c,
             "SELECT (comp).a IS NULL AND (comp).b = '' FROM rt WHERE id = 3"
         ));
+    }
+    // Network and geometric values, as text with exact floats.
+    for c in [&mut src, &mut dst] {
+        c.batch_execute(EXACT_SETTINGS).unwrap();
+        let got: Vec<String> = c
+            .query(
+                "SELECT concat_ws(' | ', id, m8, ln, ls, pa, pc, pt, bx, pg, ci, ip, \
+                 isopen(pa), isclosed(pc)) FROM rt WHERE id BETWEEN 1 AND 4 ORDER BY id",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(got, RT_GEO_EXPECTED, "network and geometric values");
     }
     let j: String = dst
         .query_one("SELECT j::text FROM rt WHERE id = 1", &[])

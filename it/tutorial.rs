@@ -233,21 +233,18 @@ pub fn wait_pidfile_gone(p: &Path) {
     );
 }
 
-/// Waits until the ticker has a connection to `db` and has asked it for pgq.
-pub fn wait_ticker_checked(c: &Cluster, db: &str) {
-    let mut pg = c.client("postgres");
+/// Waits until the ticker (logging to `dir`/log/ticker.log) has looked at `db`
+/// and found no pgq in it yet.
+pub fn wait_ticker_checked(dir: &Path, db: &str) {
+    let log = dir.join("log/ticker.log");
+    let line = format!("database {db}: no pgq schema yet");
     poll_until(
         &format!("the ticker to check {db} for pgq"),
         Duration::from_secs(10),
         || {
-            let r = pg
-                .query_one(
-                    "select count(*) from pg_stat_activity where datname = $1 \
-                     and application_name like '%ticker%' and query like '%pgq%'",
-                    &[&db],
-                )
-                .map_err(|e| e.to_string())?;
-            Ok(r.get::<_, i64>(0) > 0)
+            Ok(std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(&line))
         },
     );
 }
@@ -272,7 +269,7 @@ fn tutorial_verbatim_with_daemons() {
     // As in the tutorial, the ticker is up before create-root: wait until it
     // has connected and found no pgq schema yet, so it must notice the
     // install later on its own.
-    wait_ticker_checked(c, &t.master);
+    wait_ticker_checked(d, &t.master);
     let synced_from = t.setup_nodes();
 
     // Initial copy: every table in sync within 10 s of the last add-table.
@@ -400,8 +397,8 @@ fn branch_to_leaf_chain() {
     let _guard = PidGuard(pids);
 
     ok("pgqd", &["-d", "ticker.ini"], d);
-    wait_ticker_checked(c, &t.master);
-    wait_ticker_checked(c, &t.slave);
+    wait_ticker_checked(d, &t.master);
+    wait_ticker_checked(d, &t.slave);
     t.setup_nodes();
     // The branch has the tables in sync first: the leaf copies from it.
     poll_until("branch tables ok", Duration::from_secs(15), || {

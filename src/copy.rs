@@ -386,7 +386,7 @@ fn catch_up(
         // may come from another node (a branch) whose txids differ from the copy
         // source's.
         let settled = copy_tick == main
-            && crate::worker::tick_snapshot(src, queue, copy_tick)?.xmin >= snapshot.xmax;
+            && crate::worker::tick_snapshot(src, queue, copy_tick)?.covers(&snapshot);
         if settled {
             let mut tx = local
                 .transaction()

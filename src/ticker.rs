@@ -21,6 +21,8 @@ pub struct TickNotice {
     pub database: String,
 }
 
+// One per database, so the size of the connected variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum State {
     /// Not connected; try again at the instant.
     Down {
@@ -28,8 +30,10 @@ enum State {
         since: Instant,
         failures: u32,
     },
-    /// Connected, but the database has no pgq schema (or an old one).
-    NoPgq { client: Client, recheck_at: Instant },
+    /// The database has no pgq schema (or an old one). Not connected meanwhile:
+    /// an idle session would keep DROP DATABASE and CREATE DATABASE ... TEMPLATE
+    /// from using it.
+    NoPgq { recheck_at: Instant },
     Ready {
         client: Client,
         connected_at: Instant,
@@ -39,6 +43,8 @@ enum State {
 struct Database {
     name: String,
     state: State,
+    /// "no pgq schema" was logged once (at info; then at debug).
+    told_nopgq: bool,
     next_maint: Instant,
     next_retry: Instant,
 }
@@ -91,6 +97,7 @@ impl Ticker {
                 let now = Instant::now();
                 for n in &names {
                     self.dbs.entry(n.clone()).or_insert_with(|| Database {
+                        told_nopgq: false,
                         name: n.clone(),
                         state: State::Down {
                             retry_at: now,
@@ -170,6 +177,24 @@ impl Ticker {
 /// of queues ticked, or None when the database is not usable now.
 fn step(cfg: &TickerConfig, db: &mut Database, stats: &mut Stats) -> Option<i64> {
     let now = Instant::now();
+    // A database named in database_list is usually about to get pgq (pgqd is
+    // started before create-root): look again every second. One found by
+    // scanning the cluster is looked at every check_period, as pgqd does.
+    let nopgq_wait = if cfg.database_list.is_empty() {
+        cfg.check_period
+    } else {
+        cfg.check_period.min(Duration::from_secs(1))
+    };
+    if let State::NoPgq { recheck_at } = &db.state {
+        if now < *recheck_at {
+            return None;
+        }
+        db.state = State::Down {
+            retry_at: now,
+            since: now,
+            failures: 0,
+        };
+    }
     match &mut db.state {
         State::Down {
             retry_at,
@@ -180,7 +205,7 @@ fn step(cfg: &TickerConfig, db: &mut Database, stats: &mut Stats) -> Option<i64>
                 return None;
             }
             match db::connect(&connstr(cfg, &db.name), "londiste-rs ticker") {
-                Ok(client) => {
+                Ok(mut client) => {
                     if *failures > 0 {
                         log::info!(
                             "database {}: connected again after {:.0?}",
@@ -188,10 +213,39 @@ fn step(cfg: &TickerConfig, db: &mut Database, stats: &mut Stats) -> Option<i64>
                             since.elapsed()
                         );
                     }
-                    db.state = State::NoPgq {
-                        client,
-                        recheck_at: now,
-                    };
+                    match client
+                        .query_one("SELECT to_regprocedure('pgq.ticker()') IS NOT NULL", &[])
+                    {
+                        Ok(r) if r.get::<_, bool>(0) => {
+                            log::info!("database {}: ticking", db.name);
+                            db.state = State::Ready {
+                                client,
+                                connected_at: now,
+                            };
+                        }
+                        Ok(_) => {
+                            let level = if db.told_nopgq || cfg.database_list.is_empty() {
+                                log::Level::Debug
+                            } else {
+                                log::Level::Info
+                            };
+                            db.told_nopgq = true;
+                            log::log!(
+                                level,
+                                "database {}: no pgq schema yet (create-root or install adds it); checking every {:?}",
+                                db.name,
+                                nopgq_wait
+                            );
+                            db.state = State::NoPgq {
+                                recheck_at: now + nopgq_wait,
+                            };
+                            return None;
+                        }
+                        Err(e) => {
+                            fail(db, &e.to_string());
+                            return None;
+                        }
+                    }
                 }
                 Err(e) => {
                     if *failures == 0 {
@@ -208,46 +262,7 @@ fn step(cfg: &TickerConfig, db: &mut Database, stats: &mut Stats) -> Option<i64>
                 }
             }
         }
-        State::NoPgq { client, recheck_at } => {
-            if now < *recheck_at {
-                return None;
-            }
-            match client.query_one("SELECT to_regprocedure('pgq.ticker()') IS NOT NULL", &[]) {
-                Ok(r) if r.get::<_, bool>(0) => {
-                    let State::NoPgq { client, .. } = std::mem::replace(
-                        &mut db.state,
-                        State::Down {
-                            retry_at: now,
-                            since: now,
-                            failures: 0,
-                        },
-                    ) else {
-                        unreachable!()
-                    };
-                    log::info!("database {}: ticking", db.name);
-                    db.state = State::Ready {
-                        client,
-                        connected_at: now,
-                    };
-                }
-                Ok(_) => {
-                    // Recheck soon, not after check_period (60 s): the usual order is
-                    // to start pgqd first and run create-root afterwards.
-                    let wait = cfg.check_period.min(Duration::from_secs(1));
-                    log::debug!(
-                        "database {}: no pgq schema, checking again in {:?}",
-                        db.name,
-                        wait
-                    );
-                    *recheck_at = now + wait;
-                    return None;
-                }
-                Err(e) => {
-                    fail(db, &e.to_string());
-                    return None;
-                }
-            }
-        }
+        State::NoPgq { .. } => return None,
         State::Ready { .. } => {}
     }
     let State::Ready {
@@ -304,19 +319,8 @@ fn step(cfg: &TickerConfig, db: &mut Database, stats: &mut Stats) -> Option<i64>
                     db.name,
                     msg
                 );
-                let State::Ready { client, .. } = std::mem::replace(
-                    &mut db.state,
-                    State::Down {
-                        retry_at: now,
-                        since: now,
-                        failures: 0,
-                    },
-                ) else {
-                    unreachable!()
-                };
                 db.state = State::NoPgq {
-                    client,
-                    recheck_at: now + cfg.check_period.min(Duration::from_secs(1)),
+                    recheck_at: now + nopgq_wait,
                 };
             } else {
                 fail(db, &msg);

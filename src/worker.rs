@@ -632,7 +632,7 @@ impl Worker {
             // visible in this tick: later batches cannot hold such events.
             for t in &states {
                 if let (Some(s), Some("ok")) = (&t.custom_snapshot, t.merge_state.as_deref())
-                    && Snapshot::parse(s)?.xmax <= cur_snap.xmin
+                    && cur_snap.covers(&Snapshot::parse(s)?)
                 {
                     tx.execute(
                             "UPDATE londiste.table_info SET custom_snapshot = NULL WHERE queue_name = $1 AND table_name = $2",

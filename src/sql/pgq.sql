@@ -221,6 +221,9 @@ DECLARE
     tbl record;
 BEGIN
     q := pgq._queue(i_queue_name);
+    -- The ticker locks the same row: no tick can be added between deleting the
+    -- ticks and deleting the queue.
+    PERFORM 1 FROM pgq.queue WHERE queue_id = q.queue_id FOR UPDATE;
     IF EXISTS (SELECT 1 FROM pgq.subscription WHERE sub_queue = q.queue_id) THEN
         IF NOT x_force THEN
             RAISE EXCEPTION 'cannot drop queue %, consumers still attached', i_queue_name;
@@ -371,7 +374,7 @@ DECLARE
 BEGIN
     SELECT * INTO q FROM pgq.queue WHERE queue_name = i_queue_name FOR UPDATE;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'Unknown queue: %', i_queue_name;
+        RAISE EXCEPTION 'Unknown queue: %', i_queue_name USING ERRCODE = 'undefined_object';
     END IF;
     IF q.queue_external_ticker THEN
         RAISE EXCEPTION 'This queue has external tick source.';
@@ -461,9 +464,14 @@ DECLARE
 BEGIN
     FOR q IN SELECT queue_name FROM pgq.queue
              WHERE NOT queue_external_ticker AND NOT queue_ticker_paused ORDER BY queue_id LOOP
-        IF pgq.ticker(q.queue_name) IS NOT NULL THEN
-            n := n + 1;
-        END IF;
+        BEGIN
+            IF pgq.ticker(q.queue_name) IS NOT NULL THEN
+                n := n + 1;
+            END IF;
+        EXCEPTION WHEN undefined_object THEN
+            -- Dropped since the list was read.
+            NULL;
+        END;
     END LOOP;
     RETURN n;
 END $$;
