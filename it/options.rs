@@ -384,3 +384,38 @@ fn parallel_copies_bounds_concurrent_copies() {
         "the limit was not reached (tables added at once):\n{log}"
     );
 }
+
+/// A transaction left open anywhere in the source cluster (another
+/// database, holding an xid) must not hold a newly copied table in
+/// catching-up: the hand-over needs only that the copy's snapshot is
+/// covered by a tick, not that every older transaction has ended.
+#[test]
+fn copy_hands_over_while_an_unrelated_transaction_stays_open() {
+    let c = Cluster::shared();
+    let schema = "CREATE TABLE t (id int PRIMARY KEY, v text);";
+    let mut r = Repl::new(
+        "openxact",
+        &format!("{schema} INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 1000) g;"),
+        schema,
+        "",
+    );
+    let other = crate::harness::unique_name("openxact_other");
+    c.create_db(&other);
+    let mut idle = c.client(&other);
+    idle.batch_execute("BEGIN; SELECT txid_current();").unwrap();
+    r.nodes();
+    r.start(false, false);
+    r.add_tables(&["t"]);
+    c.client(&r.master)
+        .batch_execute("INSERT INTO t VALUES (1001, 'during'); UPDATE t SET v = 'x' WHERE id = 1")
+        .unwrap();
+    r.wait_synced(1);
+    r.londiste(&["slave.ini", "wait-root"]);
+    let (mut m, mut s) = (c.client(&r.master), c.client(&r.slave));
+    if let Some(d) = all_diff(&mut m, &mut s, &["public.t"]) {
+        panic!("{d}");
+    }
+    // Still open: the test did not pass by the transaction ending.
+    idle.batch_execute("SELECT 1").unwrap();
+    idle.batch_execute("COMMIT").unwrap();
+}
