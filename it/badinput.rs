@@ -680,13 +680,7 @@ fn hostile_identifiers_and_values() {
     // The sequence: on the root first, and on the leaf only once the leaf
     // has applied the root's first published value (without using it).
     r.londiste(&["master.ini", "add-seq", WEIRD_SEQ]);
-    let top: i64 = m
-        .query_one(
-            "select max(tick_id) from pgq.tick t join pgq.queue q on q.queue_id = t.tick_queue where queue_name = $1",
-            &[&QUEUE],
-        )
-        .unwrap()
-        .get(0);
+    let top = r.top_tick();
     poll_until(
         "the leaf past the seq event",
         Duration::from_secs(10),

@@ -263,14 +263,19 @@ impl Repl {
         );
         assert_eq!(self.pos(), pos, "the position moved past a failing event");
         // And there are ticks beyond it, so there was somewhere to move to.
-        let mut m = Cluster::shared().client(&self.master);
-        let top: i64 = m
+        let top = self.top_tick();
+        assert!(top > pos.unwrap(), "no tick after {pos:?}");
+    }
+
+    /// The root's newest tick.
+    pub fn top_tick(&self) -> i64 {
+        Cluster::shared()
+            .client(&self.master)
             .query_one(
                 "select max(tick_id) from pgq.tick t join pgq.queue q on q.queue_id = t.tick_queue where queue_name = $1",
                 &[&QUEUE],
             )
             .unwrap()
-            .get(0);
-        assert!(top > pos.unwrap(), "no tick after {pos:?}");
+            .get(0)
     }
 }
