@@ -424,6 +424,17 @@ fn branch_to_leaf_chain() {
         d,
     );
     ok("londiste3", &["leaf.ini", "add-table", "--all"], d);
+    // A member that is not above the leaf cannot serve its copy.
+    let out = run(
+        "londiste3",
+        &["leaf.ini", "add-table", "--copy-node=leaf", "public.events"],
+        d,
+    );
+    assert!(
+        !out.status.success() && output_text(&out).contains("leaf is not above this node"),
+        "{}",
+        output_text(&out)
+    );
     poll_until("leaf tables ok", Duration::from_secs(15), || {
         t.tables_ok("leaf.ini")
     });

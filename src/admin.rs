@@ -277,6 +277,24 @@ fn find_root(cfg: &WorkerConfig, c: &mut Client, n: &NodeInfo) -> Result<Option<
     Ok(None)
 }
 
+/// The names of this node's provider, its provider, ... up to the root.
+fn provider_chain(cfg: &WorkerConfig, n: &NodeInfo) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    let mut loc = n.provider_location.clone();
+    while let Some(l) = loc {
+        if names.len() > 32 {
+            break;
+        }
+        let mut r = remote(cfg, &l)?;
+        let Some(up) = node::load(&mut r, &cfg.queue_name)? else {
+            break;
+        };
+        names.push(up.node_name.clone());
+        loc = up.provider_location;
+    }
+    Ok(names)
+}
+
 /// Tables of the root database that could be added (not ours, not yet added).
 fn missing(c: &mut Client, queue: &str) -> Result<Vec<(String, String)>> {
     let rows = c
@@ -431,6 +449,15 @@ pub fn add_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()>
         if known.is_none() {
             return Err(Error::Other(format!(
                 "--copy-node: {node} is not a member of the set (see members)"
+            )));
+        }
+        // Only a node above this one passes through every tick this node's
+        // provider has, which the copy's hand-over needs.
+        let chain = provider_chain(cfg, &n)?;
+        if !chain.contains(node) {
+            return Err(Error::Other(format!(
+                "--copy-node: {node} is not above this node (its providers: {}); name one of them",
+                chain.join(" -> ")
             )));
         }
     }
@@ -1065,18 +1092,32 @@ pub fn wait_upstream(cfg: &WorkerConfig, root: bool) -> Result<()> {
         log::info!("this is the root node: nothing to wait for");
         return Ok(());
     }
-    let root_loc = find_root(cfg, &mut c, &n)?;
-    let root_tick = match &root_loc {
-        Some(l) => Some(crate::status::force_new_tick(
-            &mut remote(cfg, l)?,
-            &cfg.queue_name,
-        )?),
-        None if root => {
+    // wait-provider can do without the root (unreachable, or a chain being
+    // rebuilt): it then waits for the provider's newest tick.
+    let root_tick = (|| -> Result<Option<i64>> {
+        match find_root(cfg, &mut c, &n)? {
+            Some(l) => Ok(Some(crate::status::force_new_tick(
+                &mut remote(cfg, &l)?,
+                &cfg.queue_name,
+            )?)),
+            None => Ok(None),
+        }
+    })();
+    let root_tick = match root_tick {
+        Ok(Some(t)) => Some(t),
+        Ok(None) if root => {
             return Err(Error::Other(
                 "cannot find the root node from this node's provider chain (see members)".into(),
             ));
         }
-        None => None,
+        Err(e) if root => return Err(e),
+        Ok(None) => None,
+        Err(e) => {
+            log::warn!(
+                "cannot make a tick on the root ({e}); waiting for the provider's newest tick"
+            );
+            None
+        }
     };
     let ploc = n.provider_location.clone().unwrap_or_default();
     let mut p = remote(cfg, &ploc)?;
@@ -1117,14 +1158,22 @@ pub fn wait_upstream(cfg: &WorkerConfig, root: bool) -> Result<()> {
         }
         if last_note.elapsed() > std::time::Duration::from_secs(30) {
             last_note = std::time::Instant::now();
-            log::warn!(
-                "still waiting after {:.0}s: this node is at tick {at}{}; is its worker running and not paused? (status)",
-                started.elapsed().as_secs_f64(),
-                match &n.cur_error {
-                    Some(e) => format!(", its last error: {e}"),
-                    None => String::new(),
-                }
-            );
+            match target {
+                Some(t) => log::warn!(
+                    "still waiting after {:.0}s: this node is at tick {at} of {t}{}; is its worker running and not paused? (status)",
+                    started.elapsed().as_secs_f64(),
+                    match &n.cur_error {
+                        Some(e) => format!(", its last error: {e}"),
+                        None => String::new(),
+                    }
+                ),
+                None => log::warn!(
+                    "still waiting after {:.0}s: the provider {} has not reached the root's tick {} yet; is its worker running and not paused? (status)",
+                    started.elapsed().as_secs_f64(),
+                    db::describe(&ploc),
+                    root_tick.unwrap_or(0)
+                ),
+            }
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }

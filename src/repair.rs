@@ -121,7 +121,15 @@ pub fn repair(cfg: &WorkerConfig, args: &[String], opts: &Opts, apply: bool) -> 
             .ctx(|| "cannot begin on the provider".into())?;
         // The lock stays until the fix is committed: a change applied in
         // between could otherwise be undone by it.
-        lock_and_sync(cfg, &mut ptx, &mut ticker, &mut local, &src, root)?;
+        lock_and_sync(
+            cfg,
+            &mut ptx,
+            &mut ticker,
+            &mut local,
+            &src,
+            &t.table_name,
+            root,
+        )?;
         let keys: Vec<String> = match &t.key_columns {
             Some(k) => k.clone(),
             None => local

@@ -285,7 +285,15 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
         let mut tx = p
             .transaction()
             .ctx(|| "cannot begin on the provider".into())?;
-        lock_and_sync(cfg, &mut tx, &mut ticker, &mut local, &src, root)?;
+        lock_and_sync(
+            cfg,
+            &mut tx,
+            &mut ticker,
+            &mut local,
+            &src,
+            &t.table_name,
+            root,
+        )?;
         // Both sides are at the same point now: take a snapshot of each and
         // let the provider go on while the checksums run (at the same time).
         let mut ptx = snapshot_now(&mut reader, "the provider")?;
@@ -366,6 +374,7 @@ pub fn lock_and_sync(
     ticker: &mut Client,
     local: &mut Client,
     src: &str,
+    table_name: &str,
     provider_is_root: bool,
 ) -> Result<()> {
     tx.batch_execute(&format!(
@@ -385,6 +394,23 @@ pub fn lock_and_sync(
             )
             .ctx(|| "cannot hold the provider's position (busy? raise lock_timeout)".into())?
             .get(0);
+        // The branch may be copying the table again (resync): its rows are then
+        // no reference. Its copy hands over under the lock held now.
+        let state: Option<Option<String>> = tx
+            .query_opt(
+                "SELECT merge_state FROM londiste.table_info WHERE queue_name = $1 AND table_name = $2 AND local",
+                &[&cfg.queue_name, &table_name],
+            )
+            .ctx(|| "cannot read the provider's table state".into())?
+            .map(|r| r.get(0));
+        if state.as_ref().and_then(|s| s.as_deref()) != Some("ok") {
+            return Err(Error::Other(format!(
+                "{table_name} is not in sync on the provider ({}); try again once it is (status)",
+                state
+                    .flatten()
+                    .unwrap_or_else(|| "not replicated there".into())
+            )));
+        }
         t.unwrap_or(0)
     };
     let deadline = Instant::now() + Duration::from_secs(120);

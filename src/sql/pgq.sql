@@ -464,14 +464,15 @@ DECLARE
 BEGIN
     FOR q IN SELECT queue_name FROM pgq.queue
              WHERE NOT queue_external_ticker AND NOT queue_ticker_paused ORDER BY queue_id LOOP
-        BEGIN
-            IF pgq.ticker(q.queue_name) IS NOT NULL THEN
-                n := n + 1;
-            END IF;
-        EXCEPTION WHEN undefined_object THEN
-            -- Dropped since the list was read.
-            NULL;
-        END;
+        -- Skip a queue that is gone since the list was read, or locked by a
+        -- drop_queue (which may wait on user tables) or by another ticker: never
+        -- wait here, other queues and databases are due too. (No EXCEPTION
+        -- block: each would cost a subtransaction id per queue per tick.)
+        PERFORM 1 FROM pgq.queue WHERE queue_name = q.queue_name FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        IF pgq.ticker(q.queue_name) IS NOT NULL THEN
+            n := n + 1;
+        END IF;
     END LOOP;
     RETURN n;
 END $$;
