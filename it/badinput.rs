@@ -1102,3 +1102,63 @@ fn config_typos_and_unwritable_logfile() {
         assert!(!d.join("w.pid").exists(), "a daemon started");
     }
 }
+
+/// The provider becomes unreachable under a running worker (here: its
+/// location points at a closed port): the worker keeps running, `node-info`,
+/// `status` and the log name the host and port (no password), the position
+/// stays; once the provider is back, the leaf catches up.
+#[test]
+fn provider_unreachable_under_a_running_worker() {
+    let c = Cluster::shared();
+    let mut r = Repl::new("unreach_run", SCHEMA, SCHEMA, "");
+    c.client(&r.master).batch_execute(DATA).unwrap();
+    r.replicate_in_sync(false, &["accounts", "order_lines", "events"]);
+    let mut s = c.client(&r.slave);
+    let good: String = s
+        .query_one(
+            "select provider_location from londiste.node_info where queue_name = $1",
+            &[&QUEUE],
+        )
+        .unwrap()
+        .get(0);
+    let port = closed_port();
+    let bad = format!("host=127.0.0.1 port={port} dbname=nowhere user=x password={SECRET}");
+    s.execute(
+        "update londiste.node_info set provider_location = $2 where queue_name = $1",
+        &[&QUEUE, &bad],
+    )
+    .unwrap();
+    // The worker reconnects to the new location when its connection breaks.
+    c.psql(
+        &r.master,
+        "select pg_terminate_backend(pid) from pg_stat_activity where datname = current_database() and application_name like 'londiste-rs%' and pid <> pg_backend_pid()",
+    );
+    let pos = r.pos();
+    c.client(&r.master).batch_execute(CHANGES).unwrap();
+    let line = r.wait_error(&["cannot connect", &format!("port={port}")]);
+    assert!(!line.contains(SECRET), "password shown: {line}");
+    // status still shows this node (its state and error) without the root.
+    let status = r.londiste(&["slave.ini", "status"]);
+    assert!(
+        status.contains("slave (leaf)") && status.contains("cannot reach the rest of the set"),
+        "{status}"
+    );
+    assert!(!status.contains(SECRET), "password shown:\n{status}");
+    r.assert_running();
+    assert_eq!(r.pos(), pos, "the position moved without a provider");
+    s.execute(
+        "update londiste.node_info set provider_location = $2 where queue_name = $1",
+        &[&QUEUE, &good],
+    )
+    .unwrap();
+    wait_equal(
+        c,
+        &r.master,
+        &r.slave,
+        &["public.accounts", "public.order_lines", "public.events"],
+        Duration::from_secs(30),
+    );
+    poll_until("the error to clear", Duration::from_secs(10), || {
+        Ok(!r.londiste(&["slave.ini", "node-info"]).contains("ERR:"))
+    });
+}

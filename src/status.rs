@@ -32,19 +32,33 @@ pub fn status(cfg: &WorkerConfig) -> Result<()> {
     let mut root_loc = me.node_location.clone();
     let mut cur = me.clone();
     let mut root_client: Option<Client> = if me.is_root() { Some(local) } else { None };
-    for _ in 0..32 {
-        if cur.is_root() {
-            break;
+    let mut walk = || -> Result<Client> {
+        for _ in 0..32 {
+            if cur.is_root() {
+                break;
+            }
+            let loc = cur.provider_location.clone().unwrap_or_default();
+            let mut c = remote(cfg, &loc)?;
+            cur = node::load(&mut c, &cfg.queue_name)?.ok_or_else(|| {
+                Error::Other(format!(
+                    "{} is not a node of queue {}",
+                    db::describe(&loc),
+                    cfg.queue_name
+                ))
+            })?;
+            root_loc = loc;
+            root_client = Some(c);
         }
-        let loc = cur.provider_location.clone().unwrap_or_default();
-        let mut c = remote(cfg, &loc)?;
-        cur = node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
-        root_loc = loc;
-        root_client = Some(c);
-    }
-    let mut root = match root_client {
-        Some(c) => c,
-        None => remote(cfg, &root_loc)?,
+        match root_client.take() {
+            Some(c) => Ok(c),
+            None => remote(cfg, &root_loc),
+        }
+    };
+    let mut root = match walk() {
+        Ok(c) => c,
+        // Without the way up, show what this node knows: its own state and
+        // error are what the operator needs most then.
+        Err(e) => return status_alone(cfg, &me, &e),
     };
     let members = root
         .query(
@@ -96,6 +110,20 @@ pub fn status(cfg: &WorkerConfig) -> Result<()> {
         ));
     };
     print_tree(&rows, &root_name, "", true, true);
+    Ok(())
+}
+
+/// `status` when the provider chain cannot be followed to the root.
+fn status_alone(cfg: &WorkerConfig, me: &NodeInfo, why: &Error) -> Result<()> {
+    let mut a = db::connect(&cfg.db, "londiste-rs status")?;
+    let mut b = db::connect(&cfg.db, "londiste-rs status")?;
+    let (_, lines) = node_lines(&mut a, &mut b, cfg, None)?;
+    println!("Queue: {}   Local node: {}\n", cfg.queue_name, me.node_name);
+    println!("{} ({})", me.node_name, me.node_type);
+    for l in lines {
+        println!("    {l}");
+    }
+    println!("    ERR: cannot reach the rest of the set through the provider: {why}");
     Ok(())
 }
 

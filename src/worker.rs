@@ -231,6 +231,8 @@ pub struct Worker {
     copy_retry_at: HashMap<String, Instant>,
     /// A stop or reload that arrived during a batch, acted on after it.
     after_batch: Option<Control>,
+    /// Failing since: the first error, how many attempts failed, when.
+    failing: Option<(String, u32, Instant)>,
     stats_at: Instant,
     batches: u64,
     last_lag: f64,
@@ -247,6 +249,7 @@ impl Worker {
             copies: HashMap::new(),
             copy_retry_at: HashMap::new(),
             after_batch: None,
+            failing: None,
             stats_at: Instant::now(),
             batches: 0,
             last_lag: 0.0,
@@ -298,6 +301,7 @@ impl Worker {
             match res {
                 Ok(true) => {
                     backoff = Duration::from_secs(1);
+                    self.log_recovery();
                     match self.after_batch.take() {
                         Some(Control::Reload) => {
                             self.stop_copies();
@@ -315,6 +319,7 @@ impl Worker {
                 }
                 Ok(false) => {
                     backoff = Duration::from_secs(1);
+                    self.log_recovery();
                     if self.cfg.loop_delay <= 0.0 {
                         self.stop_copies();
                         return Ok(());
@@ -328,13 +333,15 @@ impl Worker {
                     return Err(Error::Stopped);
                 }
                 Err(e) => {
-                    log::error!("{e}");
+                    let msg = e.to_string();
+                    self.log_failure(&msg);
                     if e.is_transient() {
                         self.local = None;
                         self.provider = None;
-                    } else {
-                        self.record_error(&e.to_string());
                     }
+                    // Shown by status and node-info; when this node's own
+                    // database is the one down, it cannot be, and the log has it.
+                    self.record_error(&msg);
                     self.applier.reset();
                     if let Some(c) = self.sleep(ctl, backoff)? {
                         return c;
@@ -343,6 +350,36 @@ impl Worker {
                         (backoff * 2).min(self.cfg.exception_sleep.max(Duration::from_secs(1)));
                 }
             }
+        }
+    }
+
+    /// Every attempt is logged (the backoff grows to exception_sleep, 20 s by
+    /// default); the count goes into the line that reports the recovery.
+    fn log_failure(&mut self, msg: &str) {
+        log::error!("{msg}");
+        match &mut self.failing {
+            Some((_, n, _)) => *n += 1,
+            None => self.failing = Some((msg.to_string(), 1, Instant::now())),
+        }
+    }
+
+    fn log_recovery(&mut self) {
+        let Some((_, n, since)) = self.failing.take() else {
+            return;
+        };
+        if n > 1 {
+            log::info!(
+                "working again after {n} failed attempts in {:.0}s",
+                since.elapsed().as_secs_f64()
+            );
+        }
+        // A batch clears the recorded error when it commits; an idle node
+        // would otherwise show a cured error until the next one.
+        let q = self.cfg.queue_name.clone();
+        if let Ok(c) = self.local()
+            && let Err(e) = node::set_error(c, &q, None)
+        {
+            log::debug!("cannot clear the recorded error: {e}");
         }
     }
 
