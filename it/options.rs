@@ -9,7 +9,7 @@
 
 use crate::harness::{Cluster, poll_until, run};
 use crate::repl::Repl;
-use crate::tutorial::{all_diff, output_text};
+use crate::tutorial::{all_diff, ok, output_text};
 use postgres::Client;
 use std::time::Duration;
 
@@ -418,4 +418,120 @@ fn copy_hands_over_while_an_unrelated_transaction_stays_open() {
     // Still open: the test did not pass by the transaction ending.
     idle.batch_execute("SELECT 1").unwrap();
     idle.batch_execute("COMMIT").unwrap();
+}
+
+/// Worker-mode flags and config keys an operator relies on: a `[londiste]`
+/// section, node_name, public_node_location, consumer_name and
+/// remote_extra_connstr; `--ini`, `--set`, `-q`, and `-d` / `-k` on a
+/// running worker.
+#[test]
+fn worker_flags_and_config_keys() {
+    let c = Cluster::shared();
+    let schema = "CREATE TABLE t (id int PRIMARY KEY, v text);";
+    let master = crate::harness::unique_name("flags_m");
+    let slave = crate::harness::unique_name("flags_s");
+    let (mconn, sconn) = (c.create_db(&master), c.create_db(&slave));
+    c.client(&master)
+        .batch_execute(&format!("{schema} INSERT INTO t VALUES (1, 'a');"))
+        .unwrap();
+    c.client(&slave).batch_execute(schema).unwrap();
+    let dir = crate::harness::TestDir::new();
+    let d = dir.path();
+    std::fs::create_dir(d.join("log")).unwrap();
+    dir.write(
+        "ticker.ini",
+        &format!(
+            "[pgqd]\nbase_connstr = {}\ndatabase_list = {master}\nlogfile = log/ticker.log\n",
+            c.base_connstr()
+        ),
+    );
+    // The original's older section name, and the node named in the file.
+    dir.write(
+        "root.ini",
+        &format!(
+            "[londiste]\njob_name = rootjob\ndb = {mconn}\nqueue_name = fq\nnode_name = origin\n\
+             public_node_location = {mconn}\nlogfile = log/%(job_name)s.log\n"
+        ),
+    );
+    dir.write(
+        "leaf.ini",
+        &format!(
+            "[londiste3]\ndb = {sconn}\nqueue_name = fq\nnode_name = copy1\nconsumer_name = copy1_consumer\n\
+             remote_extra_connstr = application_name=flags_remote\nloop_delay = 0.2\n\
+             logfile = log/leaf.log\npidfile = leaf.pid\n"
+        ),
+    );
+    let out = ok("londiste3", &["--ini"], d);
+    assert!(
+        out.contains("[londiste3]") && out.contains("queue_name"),
+        "{out}"
+    );
+
+    ok("londiste3", &["root.ini", "create-root"], d);
+    ok(
+        "londiste3",
+        &["leaf.ini", "create-leaf", &format!("--provider={mconn}")],
+        d,
+    );
+    let _ticker = crate::harness::KillOnDrop(crate::harness::spawn("pgqd", &["ticker.ini"], d));
+    let _guard = crate::tutorial::PidGuard(vec![d.join("leaf.pid")]);
+    ok("londiste3", &["-d", "leaf.ini", "worker"], d);
+    // -q: a successful command prints nothing.
+    let out = run("londiste3", &["-q", "root.ini", "add-table", "public.t"], d);
+    assert!(
+        out.status.success() && out.stderr.is_empty() && out.stdout.is_empty(),
+        "{}",
+        output_text(&out)
+    );
+    ok(
+        "londiste3",
+        &["leaf.ini", "add-table", "--wait-sync", "public.t"],
+        d,
+    );
+    let (mut m, mut s) = (c.client(&master), c.client(&slave));
+    m.batch_execute("INSERT INTO t VALUES (2, 'b')").unwrap();
+    ok("londiste3", &["leaf.ini", "wait-root"], d);
+    if let Some(diff) = all_diff(&mut m, &mut s, &["public.t"]) {
+        panic!("{diff}");
+    }
+
+    let info = ok("londiste3", &["leaf.ini", "node-info"], d);
+    assert!(
+        info.contains("Node: copy1")
+            && info.contains("Provider: origin")
+            && info.contains("Worker: copy1_consumer"),
+        "{info}"
+    );
+    let members = ok("londiste3", &["leaf.ini", "members"], d);
+    assert!(
+        members.contains("origin") && members.contains("copy1"),
+        "{members}"
+    );
+    // The worker's connection to the provider carries remote_extra_connstr.
+    let remote: i64 = m
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'flags_remote'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        remote > 0,
+        "no provider session with application_name=flags_remote"
+    );
+    // --set overrides a key for one command.
+    let out = run(
+        "londiste3",
+        &["--set", "queue_name=otherq", "leaf.ini", "node-info"],
+        d,
+    );
+    assert!(
+        !out.status.success() && output_text(&out).contains("otherq"),
+        "{}",
+        output_text(&out)
+    );
+
+    // -k stops the daemon at once; the pidfile goes with it.
+    ok("londiste3", &["-k", "leaf.ini"], d);
+    crate::tutorial::wait_pidfile_gone(&d.join("leaf.pid"));
 }
