@@ -1178,3 +1178,40 @@ pub fn wait_upstream(cfg: &WorkerConfig, root: bool) -> Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_progress_reads_like_a_progress_line() {
+        let t = node::TableState {
+            table_name: "public.t".into(),
+            local: true,
+            merge_state: Some("in-copy".into()),
+            copy_rows: Some(250_000),
+            copy_bytes: Some(31_500_000),
+            copy_estimate: Some(1_000_000),
+            copy_seconds: Some(2.5),
+            ..Default::default()
+        };
+        assert_eq!(
+            human_state(&t),
+            "in-copy: 250000 rows 25%, 31.5 MB, 100000 rows/s, ETA 8s"
+        );
+        let failed = node::TableState {
+            merge_state: None,
+            copy_error: Some("cannot COPY: permission denied".into()),
+            ..t.clone()
+        };
+        assert_eq!(
+            human_state(&failed),
+            "waiting for copy; last copy failed: cannot COPY: permission denied"
+        );
+        let ok = node::TableState {
+            merge_state: Some("ok".into()),
+            ..failed
+        };
+        assert_eq!(human_state(&ok), "ok");
+    }
+}

@@ -67,7 +67,7 @@ pub fn require<C: GenericClient>(c: &mut C, queue: &str, config: &str) -> Result
 }
 
 /// One table's replication state on a node.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TableState {
     pub table_name: String,
     pub dest_table: Option<String>,
