@@ -1020,7 +1020,7 @@ fn wrong_password() {
         &["right.ini", "node-info"],
         d,
         1,
-        &["permission denied", "pgq"],
+        &["permission denied", "pgq", "grant the connecting role"],
     );
     for f in ["log/x.log", "log/ok.log", "log/r.log", "londiste3.console"] {
         let text = std::fs::read_to_string(d.join(f)).unwrap_or_default();

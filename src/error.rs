@@ -73,6 +73,10 @@ pub fn pg_message(e: &postgres::Error) -> String {
         if let Some(h) = db.hint() {
             s.push_str("; hint: ");
             s.push_str(h);
+        } else if db.code() == &postgres::error::SqlState::INSUFFICIENT_PRIVILEGE {
+            s.push_str(
+                "; grant the connecting role this right, or connect as the role that owns these objects",
+            );
         }
         return s;
     }
