@@ -67,6 +67,21 @@ fn million_row_transaction_and_100mb_value() {
     let big_s = started.elapsed();
     let rss_big = peak_rss_mb(worker_pid);
 
+    // Many large values in one transaction, one statement (one event) each:
+    // read a few at a time, not a fetch-full at once.
+    let many: String = (1..=12)
+        .map(|g| {
+            format!(
+                "INSERT INTO huge VALUES ({}, repeat(md5('{g}'), 250000));",
+                100 + g
+            )
+        })
+        .collect();
+    m.batch_execute(&format!("BEGIN; {many} COMMIT;")).unwrap();
+    let want = fingerprint(&mut m);
+    wait_same(&mut s, &want, "12 values of 8 MB on the leaf");
+    let rss_many = peak_rss_mb(worker_pid);
+
     // 100 MB of text that does not compress: 1 MB of md5 hex, repeated (a
     // period beyond pglz's and lz4's windows).
     let started = Instant::now();
@@ -84,6 +99,7 @@ fn million_row_transaction_and_100mb_value() {
     let rss_huge = peak_rss_mb(worker_pid);
     println!(
         "size: 1,000,000-row transaction: insert {:.1}s, on the leaf after {:.1}s, worker peak RSS {rss_big:.0} MB; \
+         12 x 8 MB values in one transaction: worker peak RSS {rss_many:.0} MB; \
          100 MB value (insert + update): on the leaf after {:.1}s, worker peak RSS {rss_huge:.0} MB",
         inserted.as_secs_f64(),
         big_s.as_secs_f64(),
@@ -93,6 +109,10 @@ fn million_row_transaction_and_100mb_value() {
     assert!(
         rss_big < 300.0,
         "worker peak RSS {rss_big:.0} MB after 1,000,000 rows"
+    );
+    assert!(
+        rss_many < 300.0,
+        "worker peak RSS {rss_many:.0} MB after 12 values of 8 MB"
     );
     assert!(
         rss_huge < 1024.0,

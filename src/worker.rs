@@ -27,10 +27,13 @@ use std::time::{Duration, Instant};
 
 /// Events fetched from the provider per round trip: adapted to the events'
 /// size so that one fetch holds about a quarter of CHUNK_BYTES (a multi-row
-/// event can be 100 kB, a single-row one 100 bytes).
-const FETCH_MIN: usize = 16;
+/// event can be 100 kB, a single-row one 100 bytes, one holding a huge value
+/// 100 MB). A batch starts with one event and the fetch grows at most 8-fold
+/// a step, so a batch of huge events is read one at a time.
+const FETCH_MIN: usize = 1;
 const FETCH_MAX: usize = 2_000;
-const FETCH_FIRST: usize = 64;
+const FETCH_FIRST: usize = 1;
+const FETCH_GROWTH: usize = 8;
 /// A chunk handed to the applier closes at this many events or bytes of row
 /// text, whichever comes first: this bounds the worker's memory whether the
 /// events carry one row or a thousand.
@@ -180,7 +183,7 @@ fn read_batch(
         }
         if !rows.is_empty() {
             let avg = ((bytes - before) / rows.len()).max(1);
-            fetch = (CHUNK_BYTES / 4 / avg).clamp(FETCH_MIN, FETCH_MAX);
+            fetch = (CHUNK_BYTES / 4 / avg).clamp(FETCH_MIN, (fetch * FETCH_GROWTH).min(FETCH_MAX));
         }
         // The events own copies of the values: free the raw rows before the
         // chunk goes to the applier.
