@@ -1121,14 +1121,8 @@ pub fn wait_upstream(cfg: &WorkerConfig, root: bool) -> Result<()> {
     };
     let ploc = n.provider_location.clone().unwrap_or_default();
     let mut p = remote(cfg, &ploc)?;
-    let provider_tick = |p: &mut Client| -> Result<i64> {
-        Ok(p.query_one(
-            "SELECT coalesce(max(t.tick_id), 0) FROM pgq.tick t JOIN pgq.queue q ON q.queue_id = t.tick_queue WHERE q.queue_name = $1",
-            &[&cfg.queue_name],
-        )
-        .ctx(|| format!("cannot read the ticks of {}", db::describe(&ploc)))?
-        .get(0))
-    };
+    let provider_tick =
+        |p: &mut Client| -> Result<i64> { Ok(node::newest_tick(p, &cfg.queue_name)?.unwrap_or(0)) };
     let what = if root { "root" } else { "provider" };
     let started = std::time::Instant::now();
     let mut last_note = started;

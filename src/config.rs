@@ -40,6 +40,16 @@ fn builtin_defaults(file: &Path, section: &str) -> BTreeMap<String, String> {
     d
 }
 
+/// Keys every section has, set by the loader (as Skytools does) or usable in
+/// interpolation.
+const BUILTIN: &[&str] = &[
+    "job_name",
+    "config_name",
+    "service_name",
+    "config_dir",
+    "host_name",
+];
+
 /// Reads `file` and returns the first of `sections` it has, interpolated, with
 /// `overrides` (from `--set KEY=VAL`) applied.
 pub fn load_section(
@@ -245,13 +255,6 @@ impl Section {
     /// unknown keys (Skytools settings this tool does not use) only warn, so
     /// existing configuration files keep working.
     pub fn check_keys(&self, known: &[&str]) -> Result<()> {
-        const BUILTIN: &[&str] = &[
-            "job_name",
-            "config_name",
-            "service_name",
-            "config_dir",
-            "host_name",
-        ];
         let mut keys: Vec<&String> = self.values.keys().collect();
         keys.sort();
         for k in keys {
@@ -539,15 +542,8 @@ mod tests {
         let wc = WorkerConfig::from_section(&w).unwrap();
         assert_eq!(wc.queue_name, "myqueue");
         for k in w.values.keys() {
-            let builtin = [
-                "job_name",
-                "config_name",
-                "service_name",
-                "config_dir",
-                "host_name",
-            ];
             assert!(
-                WORKER_KEYS.contains(&k.as_str()) || builtin.contains(&k.as_str()),
+                WORKER_KEYS.contains(&k.as_str()) || BUILTIN.contains(&k.as_str()),
                 "unknown key {k}"
             );
         }

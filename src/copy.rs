@@ -160,13 +160,11 @@ fn full_copy(
 ) -> Result<()> {
     let queue = &cfg.queue_name;
     // Register the copy consumer at the source's latest tick.
-    let tick: i64 = src
-        .query_one(
-            "SELECT max(t.tick_id) FROM pgq.tick t JOIN pgq.queue q ON q.queue_id = t.tick_queue WHERE q.queue_name = $1",
-            &[queue],
-        )
-        .ctx(|| "cannot read the latest tick on the copy source".into())?
-        .get(0);
+    let tick = node::newest_tick(src, queue)?.ok_or_else(|| {
+        Error::Other(format!(
+            "the copy source has no ticks of queue {queue} (a leaf?): copy from a node above this one"
+        ))
+    })?;
     src.query_one(
         "SELECT pgq.register_consumer_at($1, $2, $3)",
         &[queue, &consumer, &tick],

@@ -141,3 +141,14 @@ pub fn set_error<C: GenericClient>(c: &mut C, queue: &str, err: Option<&str>) ->
     .ctx(|| "cannot record the worker error".into())?;
     Ok(())
 }
+
+/// The newest tick of the queue in this database; None where there is none
+/// (a leaf has no queue of its own).
+pub fn newest_tick<C: GenericClient>(c: &mut C, queue: &str) -> Result<Option<i64>> {
+    Ok(c.query_one(
+        "SELECT max(t.tick_id) FROM pgq.tick t JOIN pgq.queue q ON q.queue_id = t.tick_queue WHERE q.queue_name = $1",
+        &[&queue],
+    )
+    .ctx(|| format!("cannot read the ticks of queue {queue}"))?
+    .get(0))
+}

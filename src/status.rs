@@ -66,13 +66,7 @@ pub fn status(cfg: &WorkerConfig) -> Result<()> {
             &[&cfg.queue_name],
         )
         .ctx(|| "cannot read members on the root".into())?;
-    let root_tick: Option<i64> = root
-        .query_one(
-            "SELECT max(t.tick_id) FROM pgq.tick t JOIN pgq.queue q ON q.queue_id = t.tick_queue WHERE q.queue_name = $1",
-            &[&cfg.queue_name],
-        )
-        .ctx(|| "cannot read the root's tick".into())?
-        .get(0);
+    let root_tick = node::newest_tick(&mut root, &cfg.queue_name)?;
     let mut rows = Vec::new();
     for m in members {
         let (name, loc, prov, dead): (String, String, Option<String>, bool) =
@@ -469,7 +463,7 @@ pub fn snapshot_now<'a>(c: &'a mut Client, what: &str) -> Result<postgres::Trans
     Ok(tx)
 }
 
-/// Whether the node at `loc` is the root.
+/// Whether the node on this connection is the root.
 pub fn is_root_at(c: &mut Client, queue: &str) -> Result<bool> {
     Ok(node::load(c, queue)?.is_some_and(|n| n.is_root()))
 }
@@ -484,13 +478,7 @@ pub fn force_new_tick(c: &mut Client, queue: &str) -> Result<i64> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let _ = c.query_one("SELECT pgq.ticker($1)", &[&queue]);
-        let cur: i64 = c
-            .query_one(
-                "SELECT max(t.tick_id) FROM pgq.tick t JOIN pgq.queue q ON q.queue_id = t.tick_queue WHERE q.queue_name = $1",
-                &[&queue],
-            )
-            .ctx(|| "cannot read ticks".into())?
-            .get(0);
+        let cur = node::newest_tick(c, queue)?.unwrap_or(0);
         if cur > last {
             return Ok(cur);
         }

@@ -202,9 +202,6 @@ fn start(spec: JobSpec, tick_tx: &Sender<TickNotice>) -> Running {
 /// Fails early, naming the configuration file and the key, when the logfile
 /// cannot be written: after a daemon's fork the error would reach no one.
 fn check_logfile(p: &Path, source: Option<&Path>) -> Result<()> {
-    let file = source
-        .map(|s| format!("{}: ", s.display()))
-        .unwrap_or_default();
     let dir = p
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -219,19 +216,17 @@ fn check_logfile(p: &Path, source: Option<&Path>) -> Result<()> {
     } else if p.is_dir() {
         format!("{} is a directory; name a file in logfile", p.display())
     } else {
-        match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-        {
-            Ok(_) => return Ok(()),
-            Err(e) => format!(
-                "cannot write {}: {e}; fix the permissions or change logfile",
-                p.display()
-            ),
-        }
+        // Whether it can be written shows when logging opens it.
+        return Ok(());
     };
-    Err(Error::Config(format!("{file}key logfile: {problem}")))
+    Err(logfile_error(source, &problem))
+}
+
+fn logfile_error(source: Option<&Path>, problem: &str) -> Error {
+    let file = source
+        .map(|s| format!("{}: ", s.display()))
+        .unwrap_or_default();
+    Error::Config(format!("{file}key logfile: {problem}"))
 }
 
 /// Runs the jobs until stopped.
@@ -251,8 +246,12 @@ pub fn run(jobs: Jobs, daemonize: bool, quiet: bool) -> Result<()> {
         daemon::check_pidfile_dir(p)?;
         daemon::check_not_running(p)?;
     }
-    logging::configure(set.logfile.as_deref(), !daemonize && !quiet)
-        .map_err(|e| Error::Config(e.to_string()))?;
+    logging::configure(set.logfile.as_deref(), !daemonize && !quiet).map_err(|e| {
+        logfile_error(
+            set.logfile_source.as_deref(),
+            &format!("{e}; fix the permissions or change logfile"),
+        )
+    })?;
     if daemonize {
         daemon::daemonize()?;
     }

@@ -234,8 +234,8 @@ pub struct Worker {
     copy_retry_at: HashMap<String, Instant>,
     /// A stop or reload that arrived during a batch, acted on after it.
     after_batch: Option<Control>,
-    /// Failing since: the first error, how many attempts failed, when.
-    failing: Option<(String, u32, Instant)>,
+    /// Failing since: how many attempts failed, since when.
+    failing: Option<(u32, Instant)>,
     stats_at: Instant,
     batches: u64,
     last_lag: f64,
@@ -361,13 +361,13 @@ impl Worker {
     fn log_failure(&mut self, msg: &str) {
         log::error!("{msg}");
         match &mut self.failing {
-            Some((_, n, _)) => *n += 1,
-            None => self.failing = Some((msg.to_string(), 1, Instant::now())),
+            Some((n, _)) => *n += 1,
+            None => self.failing = Some((1, Instant::now())),
         }
     }
 
     fn log_recovery(&mut self) {
-        let Some((_, n, since)) = self.failing.take() else {
+        let Some((n, since)) = self.failing.take() else {
             return;
         };
         if n > 1 {

@@ -111,6 +111,20 @@ LANGUAGE sql IMMUTABLE AS $$
         || E'\n    END IF;'
 $$;
 
+-- The two statements that write the rows of transition table `rel` as events
+-- of kind `k` ('I' or 'D'): one plain event for a single row, or events of up
+-- to 1000 rows each (kind 'I*' / 'D*', rows separated by newlines).
+CREATE OR REPLACE FUNCTION pgq._capture_rows(ins text, k text, rel text, tname text, colq text, keylit text,
+                                             OUT single text, OUT multi text)
+LANGUAGE sql IMMUTABLE AS $f$
+    SELECT ins || format($x$
+        SELECT %L, (x.*)::text, %L, %s, %L FROM %s x;$x$, k, tname, colq, keylit, rel),
+           ins || format($x$
+        SELECT CASE WHEN count(*) = 1 THEN %L ELSE %L END, string_agg(s.r, E'\n'), %L, %s, %L
+          FROM (SELECT (x.*)::text AS r, (row_number() OVER () - 1) / 1000 AS g FROM %s x) s
+         GROUP BY s.g;$x$, k, k || '*', tname, colq, keylit, rel)
+$f$;
+
 CREATE OR REPLACE FUNCTION pgq._capture_fn_name(i_queue_id int4, i_table regclass, i_op text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$ SELECT format('pgq._cap_%s_%s_%s', i_queue_id, i_table::oid, i_op) $$;
 
@@ -146,6 +160,8 @@ $s$;
     leave text;
     ins text;
     colq text;
+    one text;
+    many text;
 BEGIN
     q := pgq._queue(i_queue_name);
     PERFORM pgq.capture_drop(i_queue_name, i_table);
@@ -239,13 +255,8 @@ $n$;
     -- distinct keys, and the deleted keys are not among them (the deletes are
     -- still written first, for readers of the queue).
     ins := format('INSERT INTO @EVENTS@ %s', cols);
-    body_i := pgq._capture_by_size(q,
-        ins || format($x$
-        SELECT 'I', (n.*)::text, %L, %s, %L FROM new_rows n;$x$, tname, colq, keylit),
-        ins || format($x$
-        SELECT CASE WHEN count(*) = 1 THEN 'I' ELSE 'I*' END, string_agg(s.r, E'\n'), %L, %s, %L
-          FROM (SELECT (n.*)::text AS r, (row_number() OVER () - 1) / 1000 AS g FROM new_rows n) s
-         GROUP BY s.g;$x$, tname, colq, keylit)) || leave;
+    SELECT * INTO one, many FROM pgq._capture_rows(ins, 'I', 'new_rows', tname, colq, keylit);
+    body_i := pgq._capture_by_size(q, one, many) || leave;
     body_r := pgq._capture_dispatch(q, ins || format($x$ VALUES ('R', '', %L, %s, %L);$x$, tname, colq, keylit)) || leave;
     IF keys IS NOT NULL THEN
         body_u := pgq._capture_by_size(q,
@@ -260,13 +271,8 @@ $n$;
                 UNION ALL
                 SELECT 'U', (n.*)::text, (row_number() OVER () - 1) / 1000 FROM new_rows n) s
          GROUP BY s.k, s.g ORDER BY s.k, s.g;$x$, tname, colq, keylit, join_cond)) || leave;
-        body_d := pgq._capture_by_size(q,
-            ins || format($x$
-        SELECT 'D', (o.*)::text, %L, %s, %L FROM old_rows o;$x$, tname, colq, keylit),
-            ins || format($x$
-        SELECT CASE WHEN count(*) = 1 THEN 'D' ELSE 'D*' END, string_agg(s.r, E'\n'), %L, %s, %L
-          FROM (SELECT (o.*)::text AS r, (row_number() OVER () - 1) / 1000 AS g FROM old_rows o) s
-         GROUP BY s.g;$x$, tname, colq, keylit)) || leave;
+        SELECT * INTO one, many FROM pgq._capture_rows(ins, 'D', 'old_rows', tname, colq, keylit);
+        body_d := pgq._capture_by_size(q, one, many) || leave;
     ELSE
         -- Only raise when rows are actually touched: an UPDATE that matches nothing
         -- must not fail.

@@ -363,6 +363,24 @@ CREATE OR REPLACE FUNCTION pgq.ticker(i_queue_name text) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     q pgq.queue;
+BEGIN
+    SELECT * INTO q FROM pgq.queue WHERE queue_name = i_queue_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'Unknown queue: %', i_queue_name;
+    END IF;
+    IF q.queue_external_ticker THEN
+        RAISE EXCEPTION 'This queue has external tick source.';
+    END IF;
+    IF q.queue_ticker_paused THEN
+        RAISE EXCEPTION 'Ticker has been paused for this queue';
+    END IF;
+    RETURN pgq._tick(q);
+END $$;
+
+-- The tick decision for a queue whose row the caller has locked.
+CREATE OR REPLACE FUNCTION pgq._tick(q pgq.queue) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
     last pgq.tick;
     prev_time timestamptz;
     cur_seq bigint;
@@ -372,21 +390,11 @@ DECLARE
     res bigint;
     committed boolean;
 BEGIN
-    SELECT * INTO q FROM pgq.queue WHERE queue_name = i_queue_name FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'Unknown queue: %', i_queue_name USING ERRCODE = 'undefined_object';
-    END IF;
-    IF q.queue_external_ticker THEN
-        RAISE EXCEPTION 'This queue has external tick source.';
-    END IF;
-    IF q.queue_ticker_paused THEN
-        RAISE EXCEPTION 'Ticker has been paused for this queue';
-    END IF;
     SELECT * INTO last FROM pgq.tick WHERE tick_queue = q.queue_id ORDER BY tick_id DESC LIMIT 1;
     IF FOUND THEN
         -- (Not txid_current(): that would give every ticker call an xid.)
         IF txid_snapshot_xmin(last.tick_snapshot) > txid_snapshot_xmax(txid_current_snapshot()) THEN
-            RAISE EXCEPTION 'Invalid PgQ state: old xmin > cur txid (queue %); was the database restored from a dump into a new cluster?', i_queue_name;
+            RAISE EXCEPTION 'Invalid PgQ state: old xmin > cur txid (queue %); was the database restored from a dump into a new cluster?', q.queue_name;
         END IF;
         cur_seq := pgq.seq_getval(q.queue_event_seq);
         new_events := cur_seq - last.tick_event_seq;
@@ -423,7 +431,7 @@ BEGIN
     res := nextval(q.queue_tick_seq);
     INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq, tick_snapshot)
     VALUES (q.queue_id, res, cur_seq, pgq._tick_snapshot());
-    PERFORM pg_notify('pgq_tick', i_queue_name);
+    PERFORM pg_notify('pgq_tick', q.queue_name);
     RETURN res;
 END $$;
 
@@ -459,18 +467,16 @@ END $$;
 CREATE OR REPLACE FUNCTION pgq.ticker() RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
-    q record;
+    q pgq.queue;
     n bigint := 0;
 BEGIN
-    FOR q IN SELECT queue_name FROM pgq.queue
-             WHERE NOT queue_external_ticker AND NOT queue_ticker_paused ORDER BY queue_id LOOP
-        -- Skip a queue that is gone since the list was read, or locked by a
-        -- drop_queue (which may wait on user tables) or by another ticker: never
-        -- wait here, other queues and databases are due too. (No EXCEPTION
-        -- block: each would cost a subtransaction id per queue per tick.)
-        PERFORM 1 FROM pgq.queue WHERE queue_name = q.queue_name FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND;
-        IF pgq.ticker(q.queue_name) IS NOT NULL THEN
+    -- A queue locked by a drop_queue (which may wait on user tables) or by
+    -- another ticker is skipped, not waited for: other queues and databases
+    -- are due too.
+    FOR q IN SELECT * FROM pgq.queue
+              WHERE NOT queue_external_ticker AND NOT queue_ticker_paused
+              ORDER BY queue_id FOR UPDATE SKIP LOCKED LOOP
+        IF pgq._tick(q) IS NOT NULL THEN
             n := n + 1;
         END IF;
     END LOOP;
