@@ -5,7 +5,7 @@
 
 use crate::harness::{Cluster, KillOnDrop, TestDir, poll_until, run, spawn, unique_name};
 use crate::tutorial::{PidGuard, ok, output_text, wait_pidfile_gone};
-use londiste_rs::install::install_pgq;
+use londiste_rs::queue::install::install_pgq;
 use std::path::Path;
 use std::time::{Duration, Instant};
 

@@ -4,8 +4,9 @@
 //! Every test has its own database in the shared cluster.
 
 use crate::harness::{Cluster, KillOnDrop, TestDir, spawn, table_dump, unique_name};
-use londiste_rs::install::install_pgq;
-use londiste_rs::record::{ident, parse_columns, parse_record, parse_text_array, split_rows};
+use londiste_rs::names::ident;
+use londiste_rs::queue::install::install_pgq;
+use londiste_rs::replication::record::{parse_columns, parse_record, parse_text_array, split_rows};
 use postgres::{Client, NoTls};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -162,7 +163,7 @@ fn install_is_idempotent_and_keeps_events() {
     assert!(!install_pgq(&mut c).unwrap());
     assert_eq!(
         Cluster::shared().psql(&db, "SELECT component, version FROM pgq.schema_info"),
-        format!("pgq|{}", londiste_rs::install::PGQ_VERSION)
+        format!("pgq|{}", londiste_rs::queue::install::PGQ_VERSION)
     );
 
     // Events from before the reinstall are still there, and the capture

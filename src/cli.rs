@@ -3,13 +3,13 @@
 //! flags and positionals, then a typed, validated command. `main` prints one line
 //! `NAME: error` and exits with the error's code.
 
-use crate::admin::{self, Opts};
+use crate::commands::status;
+use crate::commands::{Opts, compare, nodes, repair, seqs, tables};
 use crate::config::{self, TickerConfig, WorkerConfig};
-use crate::daemon;
 use crate::error::{Error, Result};
-use crate::logging::{self, Verbosity};
-use crate::status;
-use crate::supervisor;
+use crate::process::daemon;
+use crate::process::logging::{self, Verbosity};
+use crate::process::supervisor;
 use nix::sys::signal::Signal;
 use std::path::{Path, PathBuf};
 
@@ -323,30 +323,30 @@ fn run_londiste(args: &[String]) -> Result<()> {
         "worker" | "replay" => {
             supervisor::run(supervisor::Jobs::Worker(Box::new(load)), c.daemon, c.quiet)
         }
-        "create-root" => admin::create_root(&cfg, name1, name2),
-        "create-branch" => admin::create_subscriber(&cfg, "branch", name1, name2, &opts),
-        "create-leaf" => admin::create_subscriber(&cfg, "leaf", name1, name2, &opts),
-        "add-table" => admin::add_table(&cfg, &args, &opts),
-        "remove-table" => admin::remove_table(&cfg, &args, &opts),
-        "resync" => admin::resync(&cfg, &args, &opts),
-        "add-seq" => admin::add_seq(&cfg, &args, &opts),
-        "remove-seq" => admin::remove_seq(&cfg, &args, &opts),
-        "tables" => admin::tables(&cfg, &opts),
-        "seqs" => admin::seqs(&cfg),
-        "missing" => admin::show_missing(&cfg),
-        "members" => admin::members(&cfg),
-        "node-info" => admin::node_info(&cfg),
+        "create-root" => nodes::create_root(&cfg, name1, name2),
+        "create-branch" => nodes::create_subscriber(&cfg, "branch", name1, name2, &opts),
+        "create-leaf" => nodes::create_subscriber(&cfg, "leaf", name1, name2, &opts),
+        "add-table" => tables::add_table(&cfg, &args, &opts),
+        "remove-table" => tables::remove_table(&cfg, &args, &opts),
+        "resync" => tables::resync(&cfg, &args, &opts),
+        "add-seq" => seqs::add_seq(&cfg, &args, &opts),
+        "remove-seq" => seqs::remove_seq(&cfg, &args, &opts),
+        "tables" => tables::tables(&cfg, &opts),
+        "seqs" => seqs::seqs(&cfg),
+        "missing" => tables::show_missing(&cfg),
+        "members" => nodes::members(&cfg),
+        "node-info" => nodes::node_info(&cfg),
         "status" => status::status(&cfg),
-        "pause" => admin::pause(&cfg, true),
-        "resume" => admin::pause(&cfg, false),
-        "wait-sync" => admin::wait_sync(&cfg),
-        "wait-provider" => admin::wait_upstream(&cfg, false),
-        "wait-root" => admin::wait_upstream(&cfg, true),
-        "compare" => status::compare(&cfg, &args, &opts),
-        "repair" => crate::repair::repair(&cfg, &args, &opts, opts.apply),
+        "pause" => nodes::pause(&cfg, true),
+        "resume" => nodes::pause(&cfg, false),
+        "wait-sync" => nodes::wait_sync(&cfg),
+        "wait-provider" => nodes::wait_upstream(&cfg, false),
+        "wait-root" => nodes::wait_upstream(&cfg, true),
+        "compare" => compare::compare(&cfg, &args, &opts),
+        "repair" => repair::repair(&cfg, &args, &opts, opts.apply),
         "install" => {
             let mut cl = crate::db::connect(&cfg.db, "londiste-rs admin")?;
-            crate::install::install_all(&mut cl)?;
+            crate::queue::install::install_all(&mut cl)?;
             log::info!("Done");
             Ok(())
         }

@@ -1,29 +1,24 @@
 //! londiste-rs: trigger-based, table-granular asynchronous replication for
 //! PostgreSQL, a Rust Londiste 3 and pgqd. See `man londiste-rs`.
 //!
-//! Modules by role: `cli` (command line), `config`, `supervisor` (process, threads,
-//! reload), `daemon` (pidfile, fork, -s/-k/-r), `signals`, `logging`, `ticker`
-//! (pgqd mode), `worker` (root/branch/leaf), `copy` (initial copy and merge),
-//! `apply` (set-based apply), `admin`, `status` and `repair` (commands), `install` and
-//! `sql/` (the SQL layer), `record` (text formats), `db`, `error`.
+//! The layers, top to bottom (imports only run downward):
+//! - `cli`: the command line, parsed and dispatched;
+//! - `commands`: one module per command family of the man page (nodes, tables,
+//!   sequences, status, compare, repair);
+//! - `replication`: the worker, the initial copy, batches, the set-based apply,
+//!   node state and the text formats of events;
+//! - `queue`: the ticker (pgqd mode), the installer of the SQL in `sql/`, and the
+//!   queue operations commands need;
+//! - beside them, `process` (supervisor, daemon, signals, logging, threads) and
+//!   the shared ground: `db`, `config`, `error`, `names`.
 
-pub mod admin;
-pub mod apply;
 pub mod cli;
+pub mod commands;
 pub mod config;
-pub mod copy;
-pub mod daemon;
 pub mod db;
 pub mod error;
-pub mod install;
-pub mod logging;
-pub mod node;
-pub mod record;
-pub mod repair;
+pub mod names;
+pub mod process;
+pub mod queue;
+pub mod replication;
 pub mod samples;
-pub mod signals;
-pub mod status;
-pub mod supervisor;
-pub mod thread;
-pub mod ticker;
-pub mod worker;

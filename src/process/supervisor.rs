@@ -6,12 +6,12 @@
 //! that does not load is logged and the running one kept.
 
 use crate::config::{self, TickerConfig, WorkerConfig};
-use crate::daemon::{self, PidFile};
 use crate::error::{Error, Result};
-use crate::logging;
-use crate::signals::{self, Control};
-use crate::ticker::{TickNotice, Ticker};
-use crate::worker::Worker;
+use crate::process::daemon::{self, PidFile};
+use crate::process::logging;
+use crate::process::signals::{self, Control};
+use crate::queue::ticker::{TickNotice, Ticker};
+use crate::replication::worker::Worker;
 use crossbeam_channel::{Sender, bounded, select, unbounded};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -152,7 +152,7 @@ fn expand(base: &std::path::Path, pat: &str) -> std::result::Result<Vec<PathBuf>
     let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
         .filter_map(|e| e.ok())
-        .filter(|e| crate::admin::glob_match(&name, &e.file_name().to_string_lossy()))
+        .filter(|e| crate::names::glob_match(&name, &e.file_name().to_string_lossy()))
         .map(|e| e.path())
         .collect();
     out.sort();
@@ -172,7 +172,7 @@ fn start(spec: JobSpec, tick_tx: &Sender<TickNotice>) -> Running {
     match spec.clone() {
         JobSpec::Ticker(cfg) => {
             let tt = tick_tx.clone();
-            let handle = crate::thread::spawn(&name, move || {
+            let handle = crate::process::thread::spawn(&name, move || {
                 let mut t = Ticker::new(cfg, Some(tt));
                 t.run(&ctl_rx)
             });
@@ -185,7 +185,7 @@ fn start(spec: JobSpec, tick_tx: &Sender<TickNotice>) -> Running {
         }
         JobSpec::Worker(cfg) => {
             let (wt_tx, wt_rx) = bounded::<()>(1);
-            let handle = crate::thread::spawn(&name, move || {
+            let handle = crate::process::thread::spawn(&name, move || {
                 let mut w = Worker::new(cfg);
                 w.run(&ctl_rx, Some(&wt_rx))
             });

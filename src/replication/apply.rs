@@ -11,8 +11,9 @@
 //! barriers either way.
 
 use crate::error::{Context, Error, Result};
-use crate::record::{
-    Snapshot, ident, parse_columns, parse_record, parse_text_array, split_qualified, split_rows,
+use crate::names::{ident, split_qualified};
+use crate::replication::record::{
+    Snapshot, parse_columns, parse_record, parse_text_array, split_rows,
 };
 use postgres::{Statement, Transaction};
 use std::collections::HashMap;

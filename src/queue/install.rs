@@ -8,11 +8,11 @@ use crate::error::{Context, Result};
 use postgres::{Client, GenericClient};
 
 const PGQ_SQL: &str = concat!(
-    include_str!("sql/pgq.sql"),
+    include_str!("../sql/pgq.sql"),
     "\n",
-    include_str!("sql/capture.sql")
+    include_str!("../sql/capture.sql")
 );
-const LONDISTE_SQL: &str = include_str!("sql/londiste.sql");
+const LONDISTE_SQL: &str = include_str!("../sql/londiste.sql");
 
 /// Bump when a script changes; an older installed version is upgraded by
 /// re-running the (idempotent) script.

@@ -2,7 +2,8 @@
 //! table states. Short queries only; the schema is in `sql/londiste.sql`.
 
 use crate::error::{Context, Error, Result};
-use postgres::GenericClient;
+use postgres::{Client, GenericClient};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeInfo {
@@ -151,4 +152,32 @@ pub fn newest_tick<C: GenericClient>(c: &mut C, queue: &str) -> Result<Option<i6
     )
     .ctx(|| format!("cannot read the ticks of queue {queue}"))?
     .get(0))
+}
+
+/// Whether the node on this connection is the root.
+pub fn is_root_at(c: &mut Client, queue: &str) -> Result<bool> {
+    Ok(load(c, queue)?.is_some_and(|n| n.is_root()))
+}
+
+/// Makes a tick now (when this process may tick the queue) or waits for the
+/// ticker to make one; returns its id.
+pub fn force_new_tick(c: &mut Client, queue: &str) -> Result<i64> {
+    let last: i64 = c
+        .query_one("SELECT pgq.force_tick($1)", &[&queue])
+        .ctx(|| "cannot force a tick".into())?
+        .get(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let _ = c.query_one("SELECT pgq.ticker($1)", &[&queue]);
+        let cur = newest_tick(c, queue)?.unwrap_or(0);
+        if cur > last {
+            return Ok(cur);
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Other(
+                "no new tick within 30s; is the ticker running?".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

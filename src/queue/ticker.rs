@@ -8,7 +8,7 @@
 use crate::config::TickerConfig;
 use crate::db;
 use crate::error::{Context, Error, Result};
-use crate::signals::Control;
+use crate::process::signals::Control;
 use crossbeam_channel::{Receiver, Sender};
 use postgres::Client;
 use std::collections::BTreeMap;
@@ -355,7 +355,7 @@ fn maintain(client: &mut Client) -> std::result::Result<u64, postgres::Error> {
             if let Some(t) = arg {
                 let t = t
                     .split('.')
-                    .map(crate::record::ident)
+                    .map(crate::names::ident)
                     .collect::<Vec<_>>()
                     .join(".");
                 client.batch_execute(&format!("{func} {t}"))?;

@@ -7,13 +7,13 @@
 //! (`COLLATE "C"`, the same order Rust compares strings in, whatever the
 //! databases' collations), and merged: memory stays bounded for any table size.
 
-use crate::admin::Opts;
+use crate::commands::Opts;
+use crate::commands::compare::{columns, lock_and_sync};
 use crate::config::WorkerConfig;
 use crate::db;
 use crate::error::{Context, Error, Result};
-use crate::node;
-use crate::record::ident;
-use crate::status::{columns, lock_and_sync};
+use crate::names::ident;
+use crate::replication::node;
 use postgres::{Row, Transaction};
 use std::cmp::Ordering;
 
@@ -105,8 +105,8 @@ pub fn repair(cfg: &WorkerConfig, args: &[String], opts: &Opts, apply: bool) -> 
     fixer
         .batch_execute("SET londiste.replay = 'on'")
         .ctx(|| "cannot set londiste.replay".into())?;
-    let root = crate::status::is_root_at(&mut p, &cfg.queue_name)?;
-    let tables = crate::status::selected_tables(&mut local, &cfg.queue_name, args)?;
+    let root = crate::replication::node::is_root_at(&mut p, &cfg.queue_name)?;
+    let tables = crate::commands::compare::selected_tables(&mut local, &cfg.queue_name, args)?;
     let _ = opts;
     let mut total = 0u64;
     for t in tables {
@@ -114,8 +114,8 @@ pub fn repair(cfg: &WorkerConfig, args: &[String], opts: &Opts, apply: bool) -> 
             println!("-- {}: not in sync yet, skipped", t.table_name);
             continue;
         }
-        let dest = crate::apply::local_name(&t.table_name, t.dest_table.as_deref())?;
-        let src = crate::apply::local_name(&t.table_name, None)?;
+        let dest = crate::replication::apply::local_name(&t.table_name, t.dest_table.as_deref())?;
+        let src = crate::replication::apply::local_name(&t.table_name, None)?;
         let mut ptx = p
             .transaction()
             .ctx(|| "cannot begin on the provider".into())?;

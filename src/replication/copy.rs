@@ -17,13 +17,14 @@
 //! node up the chain that has. Tick ids are the same on every node of a set, so the
 //! copy consumer can stop exactly at the worker's tick.
 
-use crate::apply::{Applier, TableRoute, local_name};
 use crate::config::WorkerConfig;
 use crate::db;
 use crate::error::{Context, Error, Result};
-use crate::node;
-use crate::record::{Snapshot, ident, split_qualified};
-use crate::worker::{for_each_chunk, next_batch, prepare_apply_session};
+use crate::names::{ident, split_qualified};
+use crate::replication::apply::{Applier, TableRoute, local_name};
+use crate::replication::batch::{for_each_chunk, next_batch, prepare_apply_session};
+use crate::replication::node;
+use crate::replication::record::Snapshot;
 use postgres::Client;
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -384,7 +385,7 @@ fn catch_up(
         // may come from another node (a branch) whose txids differ from the copy
         // source's.
         let settled = copy_tick == main
-            && crate::worker::tick_snapshot(src, queue, copy_tick)?.covers(&snapshot);
+            && crate::replication::batch::tick_snapshot(src, queue, copy_tick)?.covers(&snapshot);
         if settled {
             let mut tx = local
                 .transaction()
@@ -445,7 +446,8 @@ fn catch_up(
         };
         let never = || stop.load(Ordering::Relaxed);
         for_each_chunk(src, batch.id, &never, &mut |events| {
-            let mut special = |_: &mut postgres::Transaction, _: &crate::apply::Event| Ok(());
+            let mut special =
+                |_: &mut postgres::Transaction, _: &crate::replication::apply::Event| Ok(());
             applier.apply_chunk(&mut tx, events, &route, &mut special)
         })?;
         tx.execute(

@@ -1,0 +1,11 @@
+//! The replication machinery: the worker of a node (`worker`), reading batches
+//! from a provider (`batch`), the initial copy and its merge with the event
+//! stream (`copy`), the set-based apply (`apply`), node state (`node`) and the
+//! text formats of events and snapshots (`record`).
+
+pub mod apply;
+pub mod batch;
+pub mod copy;
+pub mod node;
+pub mod record;
+pub mod worker;
