@@ -12,6 +12,7 @@ mod harness_smoke;
 
 mod badinput;
 mod crash;
+mod cutover;
 mod daemon;
 mod options;
 mod pgq;

@@ -4,7 +4,7 @@
 //! `NAME: error` and exits with the error's code.
 
 use crate::commands::status;
-use crate::commands::{Opts, compare, nodes, repair, seqs, tables};
+use crate::commands::{Opts, cascade, compare, nodes, repair, resurrect, seqs, tables, takeover};
 use crate::config::{self, TickerConfig, WorkerConfig};
 use crate::error::{Error, Result};
 use crate::process::daemon;
@@ -254,9 +254,16 @@ Node commands:
   status  members  node-info                    show the set
   pause  resume                                 stop/restart applying on this node
   wait-sync  wait-provider  wait-root           wait for copies or catch-up
+Cut-over and cascade commands:
+  takeover OLDNODE [--all] [--force] [--max-lag=S] [--seq-margin=N] [--abort]
+                                                make this node the root (switchover; old root follows it)
+  takeover OLDNODE --dead-root                  failover: the old root is gone
+  change-provider --provider=NODE               read from another node
+  drop-node NODE  tag-dead NODE...  tag-alive NODE...
+  resurrect                                     (on a failed-over old root) save lost events, rejoin
 Table and sequence commands:
   add-table TABLE... | --all  [--create] [--expect-sync] [--skip-truncate]
-            [--dest-table=NAME] [--copy-node=NODE] [--no-triggers] [--wait-sync] [--skip-non-existing] [--key=COL,...]
+            [--dest-table=NAME] [--copy-node=NODE] [--no-triggers] [--wait-sync] [--skip-non-existing] [--key=COL,...] [--no-sequences]
   remove-table TABLE... | --all      resync TABLE... | --all
   add-seq SEQ... | --all [--create]  remove-seq SEQ...
   tables [--names-only]  seqs  missing
@@ -342,6 +349,12 @@ fn run_londiste(args: &[String]) -> Result<()> {
         "wait-sync" => nodes::wait_sync(&cfg),
         "wait-provider" => nodes::wait_upstream(&cfg, false),
         "wait-root" => nodes::wait_upstream(&cfg, true),
+        "takeover" => takeover::takeover(&cfg, &args, &opts),
+        "change-provider" => cascade::change_provider(&cfg, &opts),
+        "drop-node" => cascade::drop_node(&cfg, &args),
+        "tag-dead" => cascade::tag_nodes(&cfg, &args, true),
+        "tag-alive" => cascade::tag_nodes(&cfg, &args, false),
+        "resurrect" => resurrect::resurrect(&cfg, &opts),
         "compare" => compare::compare(&cfg, &args, &opts),
         "repair" => repair::repair(&cfg, &args, &opts, opts.apply),
         "install" => {
@@ -375,6 +388,21 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
             "--names-only" => o.names_only = true,
             "--count-only" => o.count_only = true,
             "--apply" => o.apply = true,
+            "--no-sequences" => o.no_seqs = true,
+            "--dead-root" => o.dead_root = true,
+            "--dead-branch" => o.dead_branch = true,
+            "--force" => o.force = true,
+            "--abort" => o.abort = true,
+            "--file" => o.file = v,
+            "--max-lag" => o.max_lag = seconds_flag("--max-lag", v)?,
+            "--wait-timeout" => o.wait_timeout = seconds_flag("--wait-timeout", v)?,
+            "--seq-margin" => {
+                o.seq_margin = v
+                    .as_deref()
+                    .and_then(|x| x.parse().ok())
+                    .filter(|x: &i64| *x >= 0)
+                    .ok_or_else(|| Error::Usage("--seq-margin wants a number >= 0".into()))?
+            }
             "--key" => {
                 let keys: Vec<String> = v
                     .unwrap_or_default()
@@ -389,13 +417,20 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
             }
             // Accepted for compatibility with Skytools command lines; the copy
             // source is always found automatically.
-            "--find-copy-node" | "--merge-all" | "--no-merge" | "--force" | "--compact"
-            | "--nocheck" => {}
+            "--find-copy-node" | "--merge-all" | "--no-merge" | "--compact" | "--nocheck" => {}
             _ => rest.push((f, v)),
         }
     }
     raw.flags = rest;
     Ok(o)
+}
+
+fn seconds_flag(flag: &str, v: Option<String>) -> Result<std::time::Duration> {
+    v.as_deref()
+        .and_then(|x| x.parse::<f64>().ok())
+        .filter(|x| x.is_finite() && *x >= 0.0)
+        .map(std::time::Duration::from_secs_f64)
+        .ok_or_else(|| Error::Usage(format!("{flag} wants seconds, e.g. {flag}=10")))
 }
 
 /// `londiste-rs run FILE...`: several jobs in one process.

@@ -452,6 +452,7 @@ pub const WORKER_KEYS: &[&str] = &[
     "connection_lifetime",
     "use_skylog",
     "seq_buffer",
+    "root_ticker",
     "keepalive_stats",
     "stats_period",
 ];
@@ -486,6 +487,8 @@ pub struct WorkerConfig {
     pub exception_sleep: Duration,
     pub batch_max_events: i64,
     pub seq_buffer: i64,
+    /// The root's worker ticks its queue when due (no pgqd needed for ticks).
+    pub root_ticker: bool,
     pub stats_period: Duration,
 }
 
@@ -520,6 +523,7 @@ impl WorkerConfig {
             exception_sleep: s.seconds("exception_sleep", 20.0)?,
             batch_max_events: s.int("batch_max_events", 200_000, 1)?,
             seq_buffer: s.int("seq_buffer", 10_000, 1)?,
+            root_ticker: s.boolean("root_ticker", true)?,
             stats_period: s.seconds("stats_period", 30.0)?,
             common,
         })

@@ -5,12 +5,16 @@
 //! repeat says so and exits 0. This file holds what they share: the options and
 //! the connections to this node and to others.
 
+pub mod cascade;
 pub mod compare;
 pub mod nodes;
+mod ready;
 pub mod repair;
+pub mod resurrect;
 pub mod seqs;
 pub mod status;
 pub mod tables;
+pub mod takeover;
 
 use crate::config::WorkerConfig;
 use crate::db;
@@ -19,7 +23,7 @@ use crate::names::{fq_name, glob_match, split_qualified};
 use postgres::Client;
 
 /// Options of the table and node commands (parsed in cli.rs).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Opts {
     pub provider: Option<String>,
     pub all: bool,
@@ -36,6 +40,49 @@ pub struct Opts {
     pub names_only: bool,
     pub count_only: bool,
     pub apply: bool,
+    /// add-table: do not register the sequences the table's columns own.
+    pub no_seqs: bool,
+    // takeover
+    pub dead_root: bool,
+    pub dead_branch: bool,
+    pub force: bool,
+    pub abort: bool,
+    pub max_lag: std::time::Duration,
+    pub wait_timeout: std::time::Duration,
+    pub seq_margin: i64,
+    /// resurrect: where the lost events go.
+    pub file: Option<String>,
+}
+
+impl Default for Opts {
+    fn default() -> Opts {
+        Opts {
+            provider: None,
+            all: false,
+            expect_sync: false,
+            skip_truncate: false,
+            no_triggers: false,
+            wait_sync: false,
+            skip_non_existing: false,
+            create: false,
+            create_full: false,
+            dest_table: None,
+            copy_node: None,
+            keys: None,
+            names_only: false,
+            count_only: false,
+            apply: false,
+            no_seqs: false,
+            dead_root: false,
+            dead_branch: false,
+            force: false,
+            abort: false,
+            max_lag: std::time::Duration::from_secs(10),
+            wait_timeout: std::time::Duration::from_secs(60),
+            seq_margin: 1000,
+            file: None,
+        }
+    }
 }
 
 fn connect_local(cfg: &WorkerConfig) -> Result<Client> {

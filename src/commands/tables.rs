@@ -20,7 +20,60 @@ pub(super) fn missing(c: &mut Client, queue: &str) -> Result<Vec<(String, String
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// add-table, then the sequences the new tables' columns own (serial, identity),
+/// so that the replica's sequences are ready for a cut-over (`--no-sequences`
+/// leaves them out).
 pub fn add_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
+    let added_sql = "SELECT table_name FROM londiste.table_info WHERE queue_name = $1 AND local AND dest_table IS NULL";
+    let before: Vec<String> = if opts.no_seqs {
+        Vec::new()
+    } else {
+        let mut c = connect_local(cfg)?;
+        c.query(added_sql, &[&cfg.queue_name])
+            .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+            .unwrap_or_default()
+    };
+    add_tables(cfg, args, opts)?;
+    if opts.no_seqs {
+        return Ok(());
+    }
+    let mut c = connect_local(cfg)?;
+    let new: Vec<String> = c
+        .query(added_sql, &[&cfg.queue_name])
+        .ctx(|| "cannot read table_info".into())?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|t| !before.contains(t))
+        .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    let seqs: Vec<String> = c
+        .query(
+            "SELECT DISTINCT s FROM unnest($2::text[]) t, londiste.owned_sequences(t::regclass) s
+              WHERE NOT EXISTS (SELECT 1 FROM londiste.seq_info si WHERE si.queue_name = $1 AND si.seq_name = s)
+              ORDER BY 1",
+            &[&cfg.queue_name, &new],
+        )
+        .ctx(|| "cannot find the sequences of the added tables".into())?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    log::info!(
+        "registering the sequences the added tables own: {}",
+        seqs.join(", ")
+    );
+    let seq_opts = Opts {
+        skip_non_existing: true,
+        ..Opts::default()
+    };
+    super::seqs::add_seq(cfg, &seqs, &seq_opts)
+}
+
+fn add_tables(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let mut c = connect_local(cfg)?;
     let n = node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
     if opts.dest_table.is_some() && (opts.all || args.len() != 1) {

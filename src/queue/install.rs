@@ -12,12 +12,16 @@ const PGQ_SQL: &str = concat!(
     "\n",
     include_str!("../sql/capture.sql")
 );
-const LONDISTE_SQL: &str = include_str!("../sql/londiste.sql");
+const LONDISTE_SQL: &str = concat!(
+    include_str!("../sql/londiste.sql"),
+    "\n",
+    include_str!("../sql/cascade.sql")
+);
 
 /// Bump when a script changes; an older installed version is upgraded by
 /// re-running the (idempotent) script.
 pub const PGQ_VERSION: i32 = 6;
-pub const LONDISTE_VERSION: i32 = 5;
+pub const LONDISTE_VERSION: i32 = 6;
 
 const LOCK_KEY: i64 = 0x6c6f_6e64_6973; // "londis"
 

@@ -17,6 +17,10 @@ pub struct NodeInfo {
     pub last_tick_id: Option<i64>,
     pub paused: bool,
     pub cur_error: Option<String>,
+    /// On a root handing over (takeover): the node it hands over to.
+    pub fenced_to: Option<String>,
+    /// The last tick the fenced root took; the new root starts there.
+    pub fence_tick: Option<i64>,
 }
 
 impl NodeInfo {
@@ -28,8 +32,12 @@ impl NodeInfo {
     }
 }
 
+// The takeover columns are read through jsonb so that a node whose schema an
+// older version installed (not upgraded until its own worker or a command
+// connects to it) still reads.
 const SELECT: &str = "SELECT queue_name, node_type, node_name, worker_name, node_location, provider_node, \
-                      provider_location, last_tick_id, paused, cur_error FROM londiste.node_info WHERE queue_name = $1";
+                      provider_location, last_tick_id, paused, cur_error, to_jsonb(n) ->> 'fenced_to', \
+                      (to_jsonb(n) ->> 'fence_tick')::bigint FROM londiste.node_info n WHERE queue_name = $1";
 
 /// The node row, or None if this database is not a node of the queue (or has
 /// no londiste schema at all).
@@ -54,6 +62,8 @@ pub fn load<C: GenericClient>(c: &mut C, queue: &str) -> Result<Option<NodeInfo>
         last_tick_id: r.get(7),
         paused: r.get(8),
         cur_error: r.get(9),
+        fenced_to: r.get(10),
+        fence_tick: r.get(11),
     }))
 }
 

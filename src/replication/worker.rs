@@ -38,6 +38,11 @@ pub struct Worker {
     cfg: WorkerConfig,
     local: Option<Client>,
     provider: Option<Client>,
+    /// The location `provider` is connected to: a change-provider or takeover
+    /// changes node_info, and the worker follows without a restart.
+    provider_loc: Option<String>,
+    /// A fenced root (takeover in progress) is said once.
+    fence_said: bool,
     applier: Applier,
     replica_mode: bool,
     copies: HashMap<String, CopyHandle>,
@@ -57,6 +62,8 @@ impl Worker {
             cfg,
             local: None,
             provider: None,
+            provider_loc: None,
+            fence_said: false,
             applier: Applier::new(),
             replica_mode: false,
             copies: HashMap::new(),
@@ -87,6 +94,13 @@ impl Worker {
     }
 
     fn provider(&mut self, node: &NodeInfo) -> Result<&mut Client> {
+        if self.provider.is_some() && self.provider_loc != node.provider_location {
+            log::info!(
+                "provider changed to {}; reconnecting",
+                node.provider_node.as_deref().unwrap_or("?")
+            );
+            self.provider = None;
+        }
         if self.provider.is_none() {
             let loc = node.provider_location.clone().ok_or_else(|| {
                 Error::Other(
@@ -100,6 +114,7 @@ impl Worker {
             c.batch_execute("LISTEN pgq_tick")
                 .ctx(|| "cannot LISTEN on the provider".into())?;
             self.provider = Some(c);
+            self.provider_loc = Some(loc);
         }
         Ok(self.provider.as_mut().unwrap())
     }
@@ -299,12 +314,9 @@ impl Worker {
             )
             .ctx(|| "cannot update node_info".into())?;
         if node.is_root() {
-            let buf = self.cfg.seq_buffer;
-            self.local()?
-                .query_one("SELECT londiste.root_check_seqs($1, $2)", &[&queue, &buf])
-                .ctx(|| "cannot publish sequences".into())?;
-            return Ok(false);
+            return self.root_round(&node);
         }
+        self.fence_said = false;
         if node.paused {
             return Ok(false);
         }
@@ -336,7 +348,15 @@ impl Worker {
             }
         }
         let started = Instant::now();
-        self.apply_batch(&node, &batch, ctl)?;
+        if !self.apply_batch(&node, &batch, ctl)? {
+            log::info!(
+                "this node's provider changed; batch {} left to the old provider",
+                batch.id
+            );
+            self.provider = None;
+            self.provider_loc = None;
+            return Ok(true);
+        }
         self.finish(&node, &batch)?;
         self.batches += 1;
         log::debug!(
@@ -347,6 +367,39 @@ impl Worker {
         );
         self.maybe_stats();
         Ok(true)
+    }
+
+    /// The root publishes sequences ahead of use and ticks its own queue when
+    /// a tick is due (pgq.ticker's rules), so that a queue keeps ticking after a
+    /// takeover made this node the root before any pgqd was pointed at it
+    /// (with pgqd running too, the queue row lock serialises the two). A root
+    /// that is handing over (fenced) does neither: its last tick is final.
+    fn root_round(&mut self, node: &NodeInfo) -> Result<bool> {
+        // A former subscriber's provider connection is of no use any more.
+        self.provider = None;
+        self.provider_loc = None;
+        if let Some(to) = &node.fenced_to {
+            if !self.fence_said {
+                log::info!("root is handing over to node {to} (takeover); not ticking");
+                self.fence_said = true;
+            }
+            return Ok(false);
+        }
+        self.fence_said = false;
+        let queue = node.queue_name.clone();
+        let (buf, tick) = (self.cfg.seq_buffer, self.cfg.root_ticker);
+        let c = self.local()?;
+        c.query_one("SELECT londiste.root_check_seqs($1, $2)", &[&queue, &buf])
+            .ctx(|| "cannot publish sequences".into())?;
+        if tick {
+            c.query(
+                "SELECT pgq.ticker(queue_name) FROM pgq.queue WHERE queue_name = $1 \
+                 AND NOT queue_external_ticker AND NOT queue_ticker_paused",
+                &[&queue],
+            )
+            .ctx(|| "cannot tick the root's queue".into())?;
+        }
+        Ok(false)
     }
 
     fn maybe_stats(&mut self) {
@@ -388,25 +441,32 @@ impl Worker {
         node: &NodeInfo,
         batch: &Batch,
         ctl: &Receiver<Control>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let queue = node.queue_name.clone();
         let is_branch = node.is_branch();
         let cur_snap = tick_snapshot(self.provider(node)?, &queue, batch.cur_tick)?;
         let mut provider = self.provider.take().unwrap();
         let mut local = self.local.take().unwrap();
-        let res = (|| -> Result<()> {
+        let res = (|| -> Result<bool> {
             let mut tx = local
                 .transaction()
                 .ctx(|| "cannot begin the apply transaction".into())?;
             // Lock our position first: the copy threads' hand-over takes the same
             // lock, so the table states read below cannot change under this batch.
-            let pos: Option<i64> = tx
+            let row = tx
                 .query_one(
-                    "SELECT last_tick_id FROM londiste.node_info WHERE queue_name = $1 FOR UPDATE",
+                    "SELECT last_tick_id, provider_location, node_type FROM londiste.node_info WHERE queue_name = $1 FOR UPDATE",
                     &[&queue],
                 )
-                .ctx(|| "cannot lock node_info".into())?
-                .get(0);
+                .ctx(|| "cannot lock node_info".into())?;
+            let pos: Option<i64> = row.get(0);
+            // change-provider or takeover moved this node while the batch was
+            // read: it came from the old provider, whose position no longer
+            // counts. Drop it; the next round reads from the new one.
+            let (ploc, ntype): (Option<String>, String) = (row.get(1), row.get(2));
+            if ploc != node.provider_location || ntype != node.node_type {
+                return Ok(false);
+            }
             if pos != Some(batch.prev_tick) {
                 return Err(Error::Other(format!(
                     "position moved under the worker (at {:?}, batch starts at {}); is a second worker running?",
@@ -499,7 +559,7 @@ impl Worker {
             .ctx(|| "cannot store the new position".into())?;
             tx.commit().ctx(|| "cannot commit the batch".into())?;
             self.after_batch = after;
-            Ok(())
+            Ok(true)
         })();
         self.provider = Some(provider);
         self.local = Some(local);
