@@ -38,11 +38,20 @@ impl Rig {
     /// One database per node name in the shared cluster; the schema is created
     /// in each (the data only in the first, the root).
     pub fn new(names: &[&str]) -> Rig {
-        let c = Cluster::shared();
+        Rig::new_on(&[], names)
+    }
+
+    /// Like `new`, with node i in `clusters[i]` where given (else the shared
+    /// cluster); the ticker ticks the first node's cluster.
+    pub fn new_on(clusters: &[&Cluster], names: &[&str]) -> Rig {
         let dir = TestDir::new();
         std::fs::create_dir(dir.path().join("log")).unwrap();
         let mut nodes = Vec::new();
         for (i, n) in names.iter().enumerate() {
+            let c: &Cluster = match clusters.get(i) {
+                Some(c) => c,
+                None => Cluster::shared(),
+            };
             let db = unique_name(&format!("cut_{n}"));
             let conn = c.create_db(&db);
             let mut cl = c.client(&db);
@@ -61,6 +70,10 @@ impl Rig {
         }
         // The ticker knows only the first root: after a takeover the new
         // root's own worker ticks its queue.
+        let c: &Cluster = match clusters.first() {
+            Some(c) => c,
+            None => Cluster::shared(),
+        };
         dir.write(
             "ticker.ini",
             &format!(
@@ -78,6 +91,11 @@ impl Rig {
 
     pub fn d(&self) -> &Path {
         self.dir.path()
+    }
+
+    pub fn start_bg(&mut self, name: &str, args: &[&str]) {
+        let p = spawn("londiste3", args, self.d());
+        self.procs.push((name.into(), KillOnDrop(p)));
     }
 
     pub fn conn(&self, name: &str) -> String {
@@ -475,4 +493,264 @@ fn takeover_refuses_a_node_that_is_not_ready() {
         .execute("insert into orders (note) values ('on the new root')", &[])
         .unwrap();
     r.wait_equal("slave", "master");
+}
+
+fn count(c: &mut Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
+/// The old root dies with transactions its subscribers never read. takeover
+/// --dead-root makes the branch the root where it stands and moves the leaf
+/// under it; the application goes on there. When the old root comes back,
+/// resurrect writes the lost transactions to a file and makes it a branch of
+/// the new root, its tables copied again: it converges to the new root.
+#[test]
+fn failover_with_the_root_killed_then_resurrect() {
+    let a = Cluster::start();
+    let mut r = Rig::new_on(&[&a], &["master", "slave", "leaf"]);
+    r.create_root("master");
+    r.create_sub("branch", "slave", "master");
+    r.create_sub("leaf", "leaf", "master");
+    r.start_ticker();
+    for n in ["master", "slave", "leaf"] {
+        r.start_worker(n);
+        r.add_all(n);
+    }
+    r.wait_synced("slave", 2);
+    r.wait_synced("leaf", 2);
+    let w = Writer::start(vec![r.conn("master")], Duration::from_millis(2));
+    w.wait_commits(100);
+    let before = w.stop();
+    assert!(before.errors.is_empty(), "{:?}", before.errors);
+    r.wait_equal("master", "slave");
+    // The subscribers stop reading; the root commits ten more transactions
+    // and dies.
+    r.kill_worker("slave");
+    r.kill_worker("leaf");
+    let mut m = r.client("master");
+    for i in 0..10 {
+        m.execute(
+            "insert into orders (note) values ($1)",
+            &[&format!("lost {i}")],
+        )
+        .unwrap();
+    }
+    // The harness runs with synchronous_commit off: make the ten durable.
+    m.batch_execute("checkpoint").unwrap();
+    drop(m);
+    r.kill_worker("master");
+    a.stop_immediate();
+    r.start_worker("slave");
+    r.start_worker("leaf");
+
+    let out = r.londiste(&["slave.ini", "takeover", "master", "--dead-root"]);
+    assert!(out.contains("failover: slave is the root"), "{out}");
+    assert_eq!(r.node_type("slave"), "root");
+    let members = r.londiste(&["slave.ini", "members"]);
+    assert!(
+        members
+            .lines()
+            .any(|l| l.contains("master") && l.contains("true")),
+        "master not tagged dead:\n{members}"
+    );
+    let prov: String = r
+        .client("leaf")
+        .query_one(
+            "select provider_node from londiste.node_info where queue_name = $1",
+            &[&Q],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(prov, "slave", "the leaf did not move to the new root");
+    let w = Writer::start(vec![r.conn("slave")], Duration::from_millis(2));
+    w.wait_commits(100);
+    let after = w.stop();
+    assert!(
+        after.errors.is_empty(),
+        "writes on the new root failed: {:?}",
+        &after.errors[..after.errors.len().min(3)]
+    );
+    r.wait_equal("slave", "leaf");
+    assert_has_ids(&mut r.client("leaf"), &after.committed, "leaf");
+
+    // The old root comes back.
+    a.start_again();
+    let on_old = count(
+        &mut r.client("master"),
+        "select count(*) from orders where note like 'lost %'",
+    );
+    assert_eq!(on_old, 10);
+    let out = r.londiste(&["master.ini", "resurrect"]);
+    assert!(out.contains("10 lost event(s)"), "{out}");
+    let lost = std::fs::read_to_string(r.d().join("resurrect-lost-events.json")).unwrap();
+    let lost_rows = lost.lines().filter(|l| l.contains("lost ")).count();
+    assert_eq!(
+        lost_rows, 10,
+        "the file does not hold the ten lost inserts:\n{out}\n{lost}"
+    );
+    for l in lost.lines() {
+        assert!(
+            l.starts_with('{') && l.ends_with('}') && l.contains("\"ev_type\":"),
+            "not a JSON object: {l}"
+        );
+    }
+    assert_eq!(r.node_type("master"), "branch");
+    r.start_worker("master");
+    r.wait_synced("master", 2);
+    r.wait_equal("slave", "master");
+    let mut m = r.client("master");
+    assert_eq!(
+        count(
+            &mut m,
+            "select count(*) from orders where note like 'lost %'"
+        ),
+        0
+    );
+    let err = m
+        .execute("insert into items values ('y', 1)", &[])
+        .unwrap_err();
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("moved to node \"slave\"")
+    );
+    let status = r.londiste(&["slave.ini", "status"]);
+    assert!(status.contains("master (branch)"), "{status}");
+    drop(r);
+}
+
+/// root -> branch -> leaf: the leaf moves to the root with the application
+/// writing, then the branch, now without subscribers, is dropped.
+#[test]
+fn change_provider_in_a_chain_then_drop_node() {
+    let mut r = Rig::new(&["a", "b", "c"]);
+    r.create_root("a");
+    r.create_sub("branch", "b", "a");
+    r.create_sub("leaf", "c", "b");
+    r.start_ticker();
+    for n in ["a", "b", "c"] {
+        r.start_worker(n);
+        r.add_all(n);
+    }
+    r.wait_synced("c", 2);
+    let w = Writer::start(vec![r.conn("a")], Duration::from_millis(2));
+    w.wait_commits(50);
+    let out = run(
+        "londiste3",
+        &["c.ini", "change-provider", "--provider=c"],
+        r.d(),
+    );
+    assert!(
+        !out.status.success() && output_text(&out).contains("cannot subscribe to itself"),
+        "{}",
+        output_text(&out)
+    );
+    r.londiste(&["c.ini", "change-provider", "--provider=a"]);
+    w.wait_commits(100);
+    // b has no subscribers left and can go.
+    let out = run("londiste3", &["a.ini", "drop-node", "a"], r.d());
+    assert!(
+        !out.status.success(),
+        "dropped the root with subscribers:\n{}",
+        output_text(&out)
+    );
+    r.kill_worker("b");
+    r.londiste(&["a.ini", "drop-node", "b"]);
+    let members = r.londiste(&["a.ini", "members"]);
+    assert!(!members.contains("\nb "), "b still a member:\n{members}");
+    assert_eq!(
+        count(
+            &mut r.client("b"),
+            "select count(*) from londiste.node_info"
+        ),
+        0
+    );
+    r.client("b")
+        .execute("insert into items values ('free again', 1)", &[])
+        .unwrap();
+    w.wait_commits(50);
+    let rep = w.stop();
+    assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+    r.wait_equal("a", "c");
+    assert_has_ids(&mut r.client("c"), &rep.committed, "c");
+    let prov: String = r
+        .client("c")
+        .query_one(
+            "select provider_node from londiste.node_info where queue_name = $1",
+            &[&Q],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(prov, "a");
+}
+
+/// The takeover is killed (SIGKILL) after the fence, before the promotion:
+/// no node takes writes; re-running the command finishes the switch.
+#[test]
+fn takeover_rerun_after_sigkill_in_the_middle() {
+    let mut r = Rig::new(&["master", "slave"]);
+    r.create_root("master");
+    r.create_sub("branch", "slave", "master");
+    r.start_ticker();
+    r.start_worker("master");
+    r.start_worker("slave");
+    r.add_all("master");
+    r.add_all("slave");
+    r.wait_synced("slave", 2);
+    let w = Writer::start(
+        vec![r.conn("master"), r.conn("slave")],
+        Duration::from_millis(2),
+    );
+    w.wait_commits(50);
+    // Without the new node's worker the takeover waits after the fence.
+    r.kill_worker("slave");
+    r.start_bg("takeover", &["slave.ini", "takeover", "master"]);
+    let mut m = r.client("master");
+    poll_until("the old root to be fenced", Duration::from_secs(30), || {
+        let f: Option<String> = m
+            .query_one(
+                "select fenced_to from londiste.node_info where queue_name = $1",
+                &[&Q],
+            )
+            .map_err(|e| e.to_string())?
+            .get(0);
+        if f.as_deref() == Some("slave") {
+            Ok(true)
+        } else {
+            Err(format!("{f:?}"))
+        }
+    });
+    r.kill_worker("takeover");
+    // Neither node takes writes now.
+    assert!(m.execute("insert into items values ('m', 1)", &[]).is_err());
+    assert!(
+        r.client("slave")
+            .execute("insert into items values ('s', 1)", &[])
+            .is_err()
+    );
+    assert_eq!(r.node_type("master"), "root");
+    r.start_worker("slave");
+    let out = r.londiste(&["slave.ini", "takeover", "master"]);
+    assert!(out.contains("resuming the takeover"), "{out}");
+    assert_eq!(r.node_type("slave"), "root");
+    assert_eq!(r.node_type("master"), "branch");
+    // A third run says it is done.
+    let out = run("londiste3", &["slave.ini", "takeover", "master"], r.d());
+    let text = output_text(&out);
+    assert!(
+        !out.status.success() && text.contains("is a branch, not the root"),
+        "{text}"
+    );
+    w.wait_commits(100);
+    let rep = w.stop();
+    assert!(
+        rep.errors.is_empty(),
+        "{:?}",
+        &rep.errors[..rep.errors.len().min(3)]
+    );
+    r.wait_equal("slave", "master");
+    assert_has_ids(&mut r.client("master"), &rep.committed, "master");
+    assert_has_ids(&mut r.client("slave"), &rep.committed, "slave");
+    let _ = r.log("slave");
 }

@@ -101,6 +101,19 @@ pub fn repoint(
     target: &str,
     target_loc: &str,
 ) -> Result<()> {
+    repoint_at(cfg, c, n, target, target_loc, None)
+}
+
+/// `repoint`, optionally moving the node's position to `at` (a failover moves
+/// a subscriber that was ahead only by empty ticks back to the new root's start).
+pub fn repoint_at(
+    cfg: &WorkerConfig,
+    c: &mut Client,
+    n: &NodeInfo,
+    target: &str,
+    target_loc: &str,
+    at: Option<i64>,
+) -> Result<()> {
     let q = n.queue_name.clone();
     let mut t = remote(cfg, target_loc)?;
     let tn = node::require(&mut t, &q, "its config")?;
@@ -147,6 +160,7 @@ pub fn repoint(
         .ctx(|| "cannot lock node_info".into())?
         .get(0);
     let pos = pos.ok_or_else(|| Error::Other(format!("{} has no position yet", n.node_name)))?;
+    let pos = at.unwrap_or(pos);
     wait_for_tick_on(&mut t, &q, pos, &tn.node_name)?;
     t.query_one(
         "SELECT pgq.register_consumer_at($1, $2, $3)",
@@ -162,8 +176,9 @@ pub fn repoint(
         Some(target),
     )?;
     tx.execute(
-        "UPDATE londiste.node_info SET provider_node = $2, provider_location = $3, cur_error = NULL WHERE queue_name = $1",
-        &[&q, &target, &target_loc],
+        "UPDATE londiste.node_info SET provider_node = $2, provider_location = $3, cur_error = NULL,
+                last_tick_id = $4 WHERE queue_name = $1",
+        &[&q, &target, &target_loc, &pos],
     )
     .ctx(|| "cannot store the new provider".into())?;
     upsert_member(
@@ -176,6 +191,12 @@ pub fn repoint(
     )?;
     tx.commit()
         .ctx(|| "cannot commit the new provider".into())?;
+    if let Err(e) = announce(cfg, target_loc, &q, n, target) {
+        log::warn!(
+            "cannot announce the move of {} to the root: {e}",
+            n.node_name
+        );
+    }
     if let Some(ol) = old_loc
         && ol != target_loc
     {
@@ -204,6 +225,43 @@ pub fn repoint(
         }
     }
     Ok(())
+}
+
+/// Records node `n` under `provider` on the root (found from `from_loc` up) and
+/// queues a londiste.member event there, so every member learns of the move.
+fn announce(
+    cfg: &WorkerConfig,
+    from_loc: &str,
+    q: &str,
+    n: &NodeInfo,
+    provider: &str,
+) -> Result<()> {
+    let mut loc = from_loc.to_string();
+    for _ in 0..32 {
+        let mut c = remote(cfg, &loc)?;
+        let x = node::require(&mut c, q, "its config")?;
+        if x.is_root() {
+            upsert_member(
+                &mut c,
+                q,
+                &n.node_name,
+                &n.node_location,
+                &n.node_type,
+                Some(provider),
+            )?;
+            c.query_one(
+                "SELECT londiste.announce_member($1, $2)",
+                &[&q, &n.node_name],
+            )
+            .ctx(|| "cannot queue the member event".into())?;
+            return Ok(());
+        }
+        match x.provider_location {
+            Some(l) => loc = l,
+            None => break,
+        }
+    }
+    Err(Error::Other("no root found above the new provider".into()))
 }
 
 /// The target must hold the tick: wait a little if it is behind, refuse if the

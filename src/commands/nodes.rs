@@ -172,6 +172,11 @@ pub fn create_subscriber(
                      node_type = EXCLUDED.node_type, provider_node = EXCLUDED.provider_node, dead = false",
                 &[&cfg.queue_name, &name, &loc, &kind, &pnode.node_name],
             );
+        // Every member learns of the new node through the queue.
+        let _ = r.query(
+            "SELECT londiste.announce_member($1, $2)",
+            &[&cfg.queue_name, &name],
+        );
     }
     let members = p
         .query(

@@ -422,8 +422,32 @@ fn failover(
     }
     let me_now = node::require(&mut me_c, &q, "")?;
     let start = me_now.last_tick_id.unwrap_or(0);
+    let start_seq: Option<i64> = me_c
+        .query_one(
+            "SELECT last_tick_seq FROM londiste.node_info WHERE queue_name = $1",
+            &[&q],
+        )
+        .ctx(|| "cannot read this node's position".into())?
+        .get(0);
+    // Every member any survivor knows of.
+    let mut all: Vec<Member> = all.to_vec();
+    for m in all
+        .clone()
+        .iter()
+        .filter(|m| !m.dead && m.name != old.name && m.name != me.node_name)
+    {
+        if let Ok(mut c) = remote(cfg, &m.location)
+            && let Ok(theirs) = members(&mut c, &q)
+        {
+            for t in theirs {
+                if !all.iter().any(|x| x.name == t.name) {
+                    all.push(t);
+                }
+            }
+        }
+    }
     // Tag the old root dead everywhere first: nothing must follow it any more.
-    let survivors: Vec<&Member> = all.iter().filter(|m| m.name != old.name).collect();
+    let survivors: Vec<Member> = all.iter().filter(|m| m.name != old.name).cloned().collect();
     for m in &survivors {
         let r = if m.name == me.node_name {
             tag::dead(&mut me_c, &q, &old.name, true, Some(start))
@@ -479,10 +503,52 @@ fn failover(
     let mut behind = Vec::new();
     for m in survivors
         .iter()
-        .filter(|m| !m.dead && m.name != me.node_name && m.provider.as_deref() == Some(&old.name))
+        .filter(|m| !m.dead && m.name != me.node_name)
     {
-        match move_subscriber(cfg, &m.location, &me.node_name, &me.node_location) {
-            Ok(()) => log::info!("{} now subscribes to {}", m.name, me.node_name),
+        let moved = (|| -> Result<bool> {
+            let mut c = remote(cfg, &m.location)?;
+            let Some(sn) = node::load(&mut c, &q)? else {
+                return Ok(false);
+            };
+            if sn.provider_node.as_deref() != Some(old.name.as_str()) {
+                return Ok(false);
+            }
+            let pos = sn.last_tick_id.unwrap_or(0);
+            let seq: Option<i64> = c
+                .query_one(
+                    "SELECT last_tick_seq FROM londiste.node_info WHERE queue_name = $1",
+                    &[&q],
+                )
+                .ctx(|| "cannot read its position".into())?
+                .get(0);
+            if pos <= start {
+                super::cascade::repoint(cfg, &mut c, &sn, &me.node_name, &me.node_location)?;
+            } else if seq.is_some() && seq == start_seq {
+                log::info!(
+                    "{} was ahead only by empty ticks; it continues from tick {start}",
+                    m.name
+                );
+                super::cascade::repoint_at(
+                    cfg,
+                    &mut c,
+                    &sn,
+                    &me.node_name,
+                    &me.node_location,
+                    Some(start),
+                )?;
+            } else {
+                return Err(Error::Other(format!(
+                    "it applied events of ticks {start}..{pos} that {} never received: \
+                     its tables differ from the new root; resync them after moving it \
+                     (change-provider --provider={} then resync --all)",
+                    me.node_name, me.node_name
+                )));
+            }
+            Ok(true)
+        })();
+        match moved {
+            Ok(true) => log::info!("{} now subscribes to {}", m.name, me.node_name),
+            Ok(false) => {}
             Err(e) => behind.push(format!("{}: {e}", m.name)),
         }
     }

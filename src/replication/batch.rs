@@ -288,6 +288,20 @@ pub(super) fn handle_special(
             .ctx(|| "cannot update seq_info".into())?;
             done.push(seq.to_string());
         }
+    } else if ev.ev_type == "londiste.member" {
+        // A node joined or moved (create-branch/leaf, takeover): every node
+        // keeps the full member list, which failover and takeover --all need.
+        let (Some(name), Some(loc)) = (ev.data.as_deref(), ev.extra1.as_deref()) else {
+            return Ok(());
+        };
+        tx.execute(
+            "INSERT INTO londiste.node_location (queue_name, node_name, node_location, node_type, provider_node, dead)
+             VALUES ($1, $2, $3, $4, $5, coalesce($6 = 't', false))
+             ON CONFLICT (queue_name, node_name) DO UPDATE SET node_location = EXCLUDED.node_location,
+                 node_type = EXCLUDED.node_type, provider_node = EXCLUDED.provider_node, dead = EXCLUDED.dead",
+            &[&queue, &name, &loc, &ev.extra2, &ev.extra3, &ev.extra4],
+        )
+        .ctx(|| format!("[ev_id={}] cannot record member {name}", ev.id))?;
     } else {
         log::debug!(
             "[ev_id={}] passing over event of type {}",

@@ -552,9 +552,9 @@ impl Worker {
                 }
             }
             tx.execute(
-                "UPDATE londiste.node_info SET last_tick_id = $2, last_batch_time = now(), cur_error = NULL,
+                "UPDATE londiste.node_info SET last_tick_id = $2, last_tick_seq = $3, last_batch_time = now(), cur_error = NULL,
                         error_time = NULL, uptodate = true WHERE queue_name = $1",
-                &[&queue, &batch.cur_tick],
+                &[&queue, &batch.cur_tick, &batch.cur_seq],
             )
             .ctx(|| "cannot store the new position".into())?;
             tx.commit().ctx(|| "cannot commit the batch".into())?;

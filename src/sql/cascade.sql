@@ -12,6 +12,9 @@
 
 ALTER TABLE londiste.node_info ADD COLUMN IF NOT EXISTS fenced_to text;
 ALTER TABLE londiste.node_info ADD COLUMN IF NOT EXISTS fence_tick bigint;
+-- The event sequence at the last applied tick: two nodes at different ticks with
+-- the same value applied the same events (the ticks between were empty).
+ALTER TABLE londiste.node_info ADD COLUMN IF NOT EXISTS last_tick_seq bigint;
 -- On survivors of a failover: the dead node and the tick the new root started at.
 ALTER TABLE londiste.node_location ADD COLUMN IF NOT EXISTS failover_tick bigint;
 
@@ -86,6 +89,15 @@ BEGIN
         END;
     END LOOP;
 END $$;
+
+-- On the root: queue a londiste.member event with what this node's member
+-- table says of a node; subscribers' workers record it (replication/batch.rs).
+CREATE OR REPLACE FUNCTION londiste.announce_member(i_queue_name text, i_node text) RETURNS bigint
+LANGUAGE sql AS $$
+    SELECT pgq.insert_event(i_queue_name, 'londiste.member', node_name, node_location, node_type,
+                            provider_node, CASE WHEN dead THEN 't' ELSE 'f' END)
+      FROM londiste.node_location WHERE queue_name = i_queue_name AND node_name = i_node
+$$;
 
 -- Step 1, on the old root: refuse writes to every replicated table (after the
 -- locks above: new writers wait for this transaction, then get the error), stop
@@ -226,6 +238,9 @@ BEGIN
     IF i_old_worker IS NOT NULL THEN
         PERFORM pgq.register_consumer_at(i_queue_name, i_old_worker, i_tick);
     END IF;
+    -- Every member learns the new tree through the queue.
+    PERFORM londiste.announce_member(i_queue_name, node_name)
+       FROM londiste.node_location WHERE queue_name = i_queue_name AND node_name IN (n.node_name, i_old_node);
     PERFORM pg_notify('pgq_tick', i_queue_name);
     RETURN 1;
 END $$;
