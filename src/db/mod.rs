@@ -105,6 +105,20 @@ pub fn names_database(connstr: &str) -> bool {
     connstr::parse(connstr).is_ok_and(|p| p.contains_key("dbname"))
 }
 
+/// Does the string say where the server is (host, hostaddr or a service)?
+pub fn names_host(connstr: &str) -> bool {
+    connstr::parse(connstr).is_ok_and(|p| {
+        ["host", "hostaddr", "service"]
+            .iter()
+            .any(|k| p.get(*k).is_some_and(|v| !v.is_empty()))
+    })
+}
+
+/// Does the string carry a password itself (not from .pgpass)?
+pub fn has_password(connstr: &str) -> bool {
+    connstr::parse(connstr).is_ok_and(|p| p.contains_key("password"))
+}
+
 /// Appends extra connection parameters (remote_extra_connstr); they win over
 /// the string's own. A URI is rewritten as keyword/value first.
 pub fn with_extra(connstr: &str, extra: &str) -> String {
