@@ -177,6 +177,23 @@ fn write_job(dir: &Path, ini: &str, db: &str, queue: &str) {
     .unwrap();
 }
 
+/// Seconds until the keepalive timer of the TCP socket from `local` to
+/// `remote` on 127.0.0.1 fires, from /proc/net/tcp (timer kind 2, in
+/// USER_HZ = 100 ticks); `None` when no keepalive timer is running.
+fn keepalive_timer(local: u16, remote: u16) -> Option<f64> {
+    let tcp = fs::read_to_string("/proc/net/tcp").ok()?;
+    let (l, r) = (format!(":{local:04X}"), format!(":{remote:04X}"));
+    tcp.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 5 && f[1].ends_with(&l) && f[2].ends_with(&r) {
+            let (kind, when) = f[5].split_once(':')?;
+            (kind == "02").then(|| u64::from_str_radix(when, 16).ok().map(|t| t as f64 / 100.0))?
+        } else {
+            None
+        }
+    })
+}
+
 #[test]
 fn tls_tutorial_root_verify_full_leaf_require() {
     let t = TestDir::new();
@@ -275,6 +292,23 @@ fn tls_tutorial_root_verify_full_leaf_require() {
             } else {
                 Err(seen)
             }
+        },
+    );
+    // Keepalives are on with a 30 s idle time (the kernel default is 2 h):
+    // the root worker's socket shows the keepalive timer at most 30 s away.
+    let cport: i32 = c
+        .psql(
+            "postgres",
+            &format!("select client_port from pg_stat_activity where datname = '{root}' and application_name = 'londiste-rs root'"),
+        )
+        .parse()
+        .expect("the root worker's client port");
+    poll_until(
+        "keepalive timer on the worker's socket",
+        Duration::from_secs(10),
+        || match keepalive_timer(cport as u16, port) {
+            Some(s) if s <= 30.0 => Ok(true),
+            other => Err(format!("keepalive timer: {other:?} s")),
         },
     );
     let status = ok_env("londiste3", &["leaf.ini", "status"], d, &env);
