@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use openssl::nid::Nid;
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode, SslVersion};
-use openssl::x509::store::X509Lookup;
+use openssl::x509::store::{X509Lookup, X509StoreBuilder};
 use openssl::x509::verify::X509VerifyFlags;
 use openssl::x509::{X509Ref, X509StoreContextRef};
 use parking_lot::Mutex;
@@ -121,6 +121,9 @@ pub fn setup(p: &Params, home: Option<&Path>) -> Result<Tls, String> {
         format!("could not load {what} \"{}\": {e}", f.display())
     };
     let mut b = SslConnector::builder(SslMethod::tls_client()).map_err(|e| e.to_string())?;
+    // The builder trusts the system store; libpq trusts only sslrootcert
+    // (the system store only with sslrootcert=system), so start empty.
+    b.set_cert_store(X509StoreBuilder::new().map_err(|e| e.to_string())?.build());
     let min = p.get("ssl_min_protocol_version").map_or("TLSv1.2", |s| s);
     b.set_min_proto_version(version(min, "ssl_min_protocol_version")?)
         .map_err(|e| e.to_string())?;
