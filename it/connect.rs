@@ -268,11 +268,9 @@ fn tls_tutorial_root_verify_full_leaf_require() {
     // Every connection of the tool is TLS: the ticker's to both databases,
     // each worker's to its own (named after the job), the leaf worker's to its
     // provider (the root); those to the root with the client certificate.
-    let sql = format!(
-        "select a.datname || ' ' || a.application_name || ' ssl=' || s.ssl || ' dn=' || coalesce(s.client_dn, '') \
+    let sql = "select a.datname || ' ' || a.application_name || ' ssl=' || s.ssl || ' dn=' || coalesce(s.client_dn, '') \
          from pg_stat_activity a join pg_stat_ssl s using (pid) \
-         where a.application_name like 'londiste-rs%' order by 1"
-    );
+         where a.application_name like 'londiste-rs%' order by 1";
     let want = [
         format!("{root} londiste-rs ticker ssl=true dn=/CN=postgres"),
         format!("{leaf} londiste-rs ticker ssl=true dn=/CN=postgres"),
@@ -284,7 +282,7 @@ fn tls_tutorial_root_verify_full_leaf_require() {
         "ticker and workers connected over TLS",
         Duration::from_secs(20),
         || {
-            let seen = c.psql("postgres", &sql);
+            let seen = c.psql("postgres", sql);
             let all_tls = seen.lines().all(|l| l.contains("ssl=true"));
             let has_all = want.iter().all(|w| seen.lines().any(|l| l == w));
             if all_tls && has_all {

@@ -72,7 +72,7 @@ fn redact_uri(s: &str) -> String {
             let parts: Vec<String> = q
                 .split('&')
                 .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) if k == "password" => "password=***".to_string(),
+                    Some(("password", _)) => "password=***".to_string(),
                     _ => kv.to_string(),
                 })
                 .collect();
