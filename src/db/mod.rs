@@ -475,10 +475,7 @@ fn explain(
             }
         )
     } else if code == "28P01" {
-        format!(
-            "{msg}; {}: check the password for user \"{user}\" there",
-            pw_note()
-        )
+        format!("{msg}; check the user and password: {}", pw_note())
     } else if msg.contains("password missing") {
         format!(
             "the server asks for a password for user \"{user}\" and none was found ({}); put it in ~/.pgpass (mode 0600) as host:port:database:user:password",
