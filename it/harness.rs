@@ -47,11 +47,21 @@ pub struct Cluster {
     pg_bin: PathBuf,
     /// initdb refuses to run as root, so as root the server runs as `postgres`.
     run_as: Option<(Uid, Gid)>,
+    /// Harness clients use the Unix socket (a custom pg_hba.conf may refuse
+    /// plain TCP, e.g. a TLS-only cluster; it must keep `local ... trust`).
+    admin_socket: bool,
 }
 
 impl Cluster {
     /// initdb and start a new cluster; panics with the server log on failure.
     pub fn start() -> Cluster {
+        Cluster::start_with("", None)
+    }
+
+    /// `start` with extra postgresql.conf lines and, if given, this pg_hba.conf
+    /// (which must keep `local all all trust`: harness clients then use the
+    /// socket). The server's own files must be readable by `run_as_user()`.
+    pub fn start_with(extra_conf: &str, hba: Option<&str>) -> Cluster {
         let pg_bin = pg_bindir();
         let dir = tempfile::Builder::new()
             .prefix("londiste-rs-pg-")
@@ -74,6 +84,7 @@ impl Cluster {
             port_lock,
             pg_bin,
             run_as,
+            admin_socket: hba.is_some(),
         };
         let d = c.dir.to_str().expect("utf-8 temp dir").to_owned();
         let mut initdb: Vec<&str> = "-A trust -N -U postgres -E UTF8 --locale=C -D"
@@ -86,13 +97,16 @@ impl Cluster {
              unix_socket_directories = '{d}'\nfsync = off\nsynchronous_commit = off\n\
              full_page_writes = off\nmax_connections = 200\nwal_level = logical\n\
              max_wal_senders = 20\nmax_replication_slots = 20\nshared_buffers = 128MB\n\
-             log_min_messages = warning\n"
+             log_min_messages = warning\n{extra_conf}\n"
         );
         OpenOptions::new()
             .append(true)
             .open(c.dir.join("postgresql.conf"))
             .and_then(|mut f| f.write_all(conf.as_bytes()))
             .expect("append to postgresql.conf");
+        if let Some(hba) = hba {
+            fs::write(c.dir.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+        }
         c.start_again();
         c
     }
@@ -133,8 +147,21 @@ impl Cluster {
         format!("{} dbname={db}", self.base_connstr())
     }
 
+    /// The OS user the server runs as (for files it must read).
+    pub fn run_as_user(&self) -> Option<(Uid, Gid)> {
+        self.run_as
+    }
+
     pub fn client(&self, db: &str) -> Client {
-        let cs = self.connstr(db);
+        let cs = if self.admin_socket {
+            format!(
+                "host={} port={} user=postgres dbname={db}",
+                self.dir.display(),
+                self.port
+            )
+        } else {
+            self.connstr(db)
+        };
         Client::connect(&cs, NoTls).unwrap_or_else(|e| panic!("connect to {cs:?}: {e}"))
     }
 

@@ -419,7 +419,7 @@ impl TickerConfig {
         if c.ticker_period.is_zero() {
             return Err(s.err("ticker_period", "must be more than 0"));
         }
-        if c.base_connstr.contains("dbname=") {
+        if crate::db::names_database(&c.base_connstr) {
             return Err(s.err(
                 "base_connstr",
                 "must not contain dbname= (the ticker adds it per database)",

@@ -66,9 +66,20 @@ fn prepare_new_node(
 }
 
 fn warn_location(loc: &str) {
-    if !loc.contains("host=") && !loc.contains("service=") && !loc.contains("://") {
+    if !db::names_host(loc) {
         log::warn!(
             "public connect string {:?} has no host=: other nodes may not reach this one",
+            db::redact(loc)
+        );
+    }
+    warn_password(loc);
+}
+
+/// Locations are stored in the node tables as given, for other nodes to use.
+fn warn_password(loc: &str) {
+    if db::has_password(loc) {
+        log::warn!(
+            "connect string {:?} holds a password, which is stored as given in the node tables: whoever may read them can read it; keep passwords in ~/.pgpass (or PGPASSFILE) on each node instead",
             db::redact(loc)
         );
     }
@@ -102,6 +113,7 @@ pub fn create_subscriber(
     let Some((loc, mut c)) = prepare_new_node(cfg, location)? else {
         return Ok(());
     };
+    warn_password(&provider_loc);
     let mut p = remote(cfg, &provider_loc)?;
     let pnode = node::load(&mut p, &cfg.queue_name)?.ok_or_else(|| {
         Error::Other(format!(

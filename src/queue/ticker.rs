@@ -64,8 +64,7 @@ pub struct Ticker {
 }
 
 fn connstr(cfg: &TickerConfig, db: &str) -> String {
-    let q = db.replace('\\', "\\\\").replace('\'', "\\'");
-    format!("{} dbname='{}'", cfg.base_connstr, q)
+    db::with_dbname(&cfg.base_connstr, db)
 }
 
 impl Ticker {
