@@ -116,6 +116,74 @@ pub fn setup(p: &Params, home: Option<&Path>) -> Result<Tls, String> {
             rootcert: None,
         });
     }
+    let (ssl, verify_chain, rootcert) = connector_for(p, home, mode)?;
+    let sni = p.get("sslsni").map(String::as_str) != Some("0");
+    let full = mode == Mode::VerifyFull;
+    let mut connector = MakeTlsConnector::new(ssl);
+    let slot = failure.clone();
+    connector.set_callback(move |cfg, host| {
+        cfg.set_verify_hostname(false);
+        cfg.set_use_server_name_indication(sni);
+        if verify_chain {
+            let (slot, host) = (slot.clone(), host.to_string());
+            cfg.set_verify_callback(SslVerifyMode::PEER, move |ok, ctx| {
+                verify(ok, ctx, full, &host, &slot)
+            });
+        }
+        Ok(())
+    });
+    Ok(Tls {
+        mode,
+        connector: Some(connector),
+        failure,
+        rootcert,
+    })
+}
+
+/// Built connectors by their settings (and the files' modification times, so
+/// a renewed certificate is read again). Building one costs ~25 ms (OpenSSL
+/// reads the system trust store whatever we then put in its place); workers
+/// and commands connect to the same few servers again and again.
+type Built = (SslConnector, bool, Option<String>);
+static CONNECTORS: Mutex<Vec<(String, Built)>> = Mutex::new(Vec::new());
+
+fn connector_for(p: &Params, home: Option<&Path>, mode: Mode) -> Result<Built, String> {
+    let mut key = format!("{mode:?}");
+    for k in [
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
+        "sslcrl",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+    ] {
+        let v = p.get(k).cloned().unwrap_or_default();
+        let f = match k {
+            "sslrootcert" => home_file(p, k, home, "root.crt"),
+            "sslcert" => home_file(p, k, home, "postgresql.crt"),
+            "sslkey" => home_file(p, k, home, "postgresql.key"),
+            "sslcrl" => home_file(p, k, home, "root.crl"),
+            _ => None,
+        };
+        let stamp = f
+            .and_then(|f| std::fs::metadata(f).ok())
+            .map(|m| format!("{}.{}:{}", m.mtime(), m.mtime_nsec(), m.mode()))
+            .unwrap_or_default();
+        key.push_str(&format!("|{k}={v}@{stamp}"));
+    }
+    if let Some((_, b)) = CONNECTORS.lock().iter().find(|(k, _)| *k == key) {
+        return Ok(b.clone());
+    }
+    let built = build_connector(p, home, mode)?;
+    let mut cache = CONNECTORS.lock();
+    if cache.len() >= 64 {
+        cache.remove(0);
+    }
+    cache.push((key, built.clone()));
+    Ok(built)
+}
+
+fn build_connector(p: &Params, home: Option<&Path>, mode: Mode) -> Result<Built, String> {
     let verify_mode = matches!(mode, Mode::VerifyCa | Mode::VerifyFull);
     let tls_err = |what: &str, f: &Path, e: openssl::error::ErrorStack| {
         format!("could not load {what} \"{}\": {e}", f.display())
@@ -195,27 +263,7 @@ pub fn setup(p: &Params, home: Option<&Path>) -> Result<Tls, String> {
     } else {
         SslVerifyMode::NONE
     });
-    let sni = p.get("sslsni").map(String::as_str) != Some("0");
-    let full = mode == Mode::VerifyFull;
-    let mut connector = MakeTlsConnector::new(b.build());
-    let slot = failure.clone();
-    connector.set_callback(move |cfg, host| {
-        cfg.set_verify_hostname(false);
-        cfg.set_use_server_name_indication(sni);
-        if verify_chain {
-            let (slot, host) = (slot.clone(), host.to_string());
-            cfg.set_verify_callback(SslVerifyMode::PEER, move |ok, ctx| {
-                verify(ok, ctx, full, &host, &slot)
-            });
-        }
-        Ok(())
-    });
-    Ok(Tls {
-        mode,
-        connector: Some(connector),
-        failure,
-        rootcert,
-    })
+    Ok((b.build(), verify_chain, rootcert))
 }
 
 fn verify(
