@@ -538,7 +538,6 @@ fn failover_with_the_root_killed_then_resurrect() {
     // The harness runs with synchronous_commit off: make the ten durable.
     m.batch_execute("checkpoint").unwrap();
     drop(m);
-    r.kill_worker("master");
     a.stop_immediate();
     r.start_worker("slave");
     r.start_worker("leaf");
@@ -573,8 +572,46 @@ fn failover_with_the_root_killed_then_resurrect() {
     r.wait_equal("slave", "leaf");
     assert_has_ids(&mut r.client("leaf"), &after.committed, "leaf");
 
-    // The old root comes back.
+    // The old root comes back; its worker (running all along) sees that a
+    // member took over and fences it: no second writable root.
     a.start_again();
+    poll_until(
+        "the returned old root to fence itself",
+        Duration::from_secs(30),
+        || {
+            let f: Option<String> = Client::connect(&r.conn("master"), NoTls)
+                .and_then(|mut c| {
+                    c.query_one(
+                        "select fenced_to from londiste.node_info where queue_name = $1",
+                        &[&Q],
+                    )
+                })
+                .map_err(|e| e.to_string())?
+                .get(0);
+            if f.as_deref() == Some("slave") {
+                Ok(true)
+            } else {
+                Err(format!("{f:?}"))
+            }
+        },
+    );
+    let err = r
+        .client("master")
+        .execute("insert into items values ('split brain', 1)", &[])
+        .unwrap_err();
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("moved to node \"slave\""),
+        "{err:?}"
+    );
+    assert!(
+        r.log("master").contains("took over from this node"),
+        "{}",
+        r.log("master")
+    );
+    r.kill_worker("master");
     let on_old = count(
         &mut r.client("master"),
         "select count(*) from orders where note like 'lost %'",

@@ -18,6 +18,7 @@ use crate::replication::batch::{
     prepare_apply_session, tick_snapshot,
 };
 use crate::replication::copy;
+use crate::replication::fence;
 use crate::replication::node::{self, NodeInfo};
 use crate::replication::record::Snapshot;
 use crossbeam_channel::Receiver;
@@ -43,6 +44,8 @@ pub struct Worker {
     provider_loc: Option<String>,
     /// A fenced root (takeover in progress) is said once.
     fence_said: bool,
+    /// When this root last asked the members whether it was failed over.
+    failover_checked: Option<Instant>,
     applier: Applier,
     replica_mode: bool,
     copies: HashMap<String, CopyHandle>,
@@ -64,6 +67,7 @@ impl Worker {
             provider: None,
             provider_loc: None,
             fence_said: false,
+            failover_checked: None,
             applier: Applier::new(),
             replica_mode: false,
             copies: HashMap::new(),
@@ -166,6 +170,8 @@ impl Worker {
                     if e.is_transient() {
                         self.local = None;
                         self.provider = None;
+                        // Back from an outage: was this root failed over meanwhile?
+                        self.failover_checked = None;
                     }
                     // Shown by status and node-info; when this node's own
                     // database is the one down, it cannot be, and the log has it.
@@ -386,6 +392,23 @@ impl Worker {
             return Ok(false);
         }
         self.fence_said = false;
+        if self
+            .failover_checked
+            .is_none_or(|t| t.elapsed() >= fence::CHECK_EVERY)
+        {
+            self.failover_checked = Some(Instant::now());
+            let cfg = self.cfg.clone();
+            let local = self.local()?;
+            if let Some(to) = fence::failed_over_to(&cfg, local, node)? {
+                fence::fence_self(local, node, &to)?;
+                log::error!(
+                    "node {to} took over from this node while it was away (takeover --dead-root): \
+                     its tables now refuse writes; run `{} resurrect` to save what only this node has and follow {to}",
+                    cfg.command_hint()
+                );
+                return Ok(false);
+            }
+        }
         let queue = node.queue_name.clone();
         let (buf, tick) = (self.cfg.seq_buffer, self.cfg.root_ticker);
         let c = self.local()?;

@@ -1,0 +1,61 @@
+//! A root that was failed over (`takeover --dead-root` while it was down or cut
+//! off) must not take writes when it comes back: the application may still
+//! reach it, and two writable roots would diverge. Its worker asks the other
+//! members, at start and every `CHECK_EVERY`, whether one of them is now the
+//! root and has this node tagged dead; if so it fences this node (writes
+//! refused, naming the new root) and says to run `resurrect`.
+
+use crate::config::WorkerConfig;
+use crate::db;
+use crate::error::{Context, Result};
+use crate::replication::node::NodeInfo;
+use postgres::Client;
+use std::time::Duration;
+
+pub const CHECK_EVERY: Duration = Duration::from_secs(30);
+
+/// The name of the member that took over from this root, if any.
+pub fn failed_over_to(
+    cfg: &WorkerConfig,
+    local: &mut Client,
+    me: &NodeInfo,
+) -> Result<Option<String>> {
+    let rows = local
+        .query(
+            "SELECT node_name, node_location FROM londiste.node_location
+              WHERE queue_name = $1 AND node_name <> $2 AND NOT dead",
+            &[&me.queue_name, &me.node_name],
+        )
+        .ctx(|| "cannot read the members".into())?;
+    for r in rows {
+        let (name, loc): (String, String) = (r.get(0), r.get(1));
+        // Short: an unreachable member must not hold up the root's worker.
+        let cs = db::with_extra(
+            &db::with_extra(&loc, &cfg.remote_extra_connstr),
+            "connect_timeout=2",
+        );
+        let Ok(mut c) = db::connect(&cs, "londiste-rs worker") else {
+            continue;
+        };
+        let row = c.query_opt(
+            "SELECT 1 FROM londiste.node_info n JOIN londiste.node_location l ON l.queue_name = n.queue_name
+              WHERE n.queue_name = $1 AND n.node_type = 'root' AND l.node_name = $2 AND l.dead",
+            &[&me.queue_name, &me.node_name],
+        );
+        if let Ok(Some(_)) = row {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
+}
+
+/// Fences this root in favour of `to`.
+pub fn fence_self(local: &mut Client, me: &NodeInfo, to: &str) -> Result<()> {
+    local
+        .query_one(
+            "SELECT londiste.fence_root($1, $2, '3s')",
+            &[&me.queue_name, &to],
+        )
+        .ctx(|| "cannot fence this node".into())?;
+    Ok(())
+}
