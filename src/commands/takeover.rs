@@ -229,10 +229,10 @@ fn switchover(
         move_old_subscribers(cfg, &me, &old.node_name, tick, &all);
     }
     println!(
-        "takeover {} -> {}: writes paused {pause_ms:.0} ms (fence {fence_ms:.0} ms, catch-up {wait_ms:.0} ms, promote {promote_ms:.0} ms); command took {:.1} s",
+        "takeover {} -> {}: writes paused {pause_ms:.0} ms (fence {fence_ms:.0} ms, catch-up {wait_ms:.0} ms, promote {promote_ms:.0} ms); command took {:.0} ms",
         old.node_name,
         me.node_name,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64() * 1e3
     );
     log::info!("Done");
     Ok(())
