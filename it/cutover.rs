@@ -776,7 +776,7 @@ fn takeover_rerun_after_sigkill_in_the_middle() {
     let out = run("londiste3", &["slave.ini", "takeover", "master"], r.d());
     let text = output_text(&out);
     assert!(
-        !out.status.success() && text.contains("is a branch, not the root"),
+        !out.status.success() && text.contains("already reads from slave"),
         "{text}"
     );
     w.wait_commits(100);
@@ -790,4 +790,58 @@ fn takeover_rerun_after_sigkill_in_the_middle() {
     assert_has_ids(&mut r.client("master"), &rep.committed, "master");
     assert_has_ids(&mut r.client("slave"), &rep.committed, "slave");
     let _ = r.log("slave");
+}
+
+/// A branch goes away: another branch takes over its subscriber
+/// (takeover --dead-branch), and the leaf keeps following the root through it.
+/// Then the live branch takes its place back (takeover of a live branch).
+#[test]
+fn takeover_of_a_dead_then_a_live_branch() {
+    let mut r = Rig::new(&["a", "b", "c", "d"]);
+    r.create_root("a");
+    r.create_sub("branch", "b", "a");
+    r.create_sub("leaf", "c", "b");
+    r.create_sub("branch", "d", "a");
+    r.start_ticker();
+    for n in ["a", "b", "c", "d"] {
+        r.start_worker(n);
+        r.add_all(n);
+    }
+    r.wait_synced("c", 2);
+    r.wait_synced("d", 2);
+    let w = Writer::start(vec![r.conn("a")], Duration::from_millis(2));
+    w.wait_commits(50);
+    r.kill_worker("b");
+    let out = r.londiste(&["d.ini", "takeover", "b", "--dead-branch"]);
+    assert!(out.contains("d takes b's place"), "{out}");
+    let provider = |r: &Rig, n: &str| -> String {
+        r.client(n)
+            .query_one(
+                "select provider_node from londiste.node_info where queue_name = $1",
+                &[&Q],
+            )
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(provider(&r, "c"), "d");
+    let members = r.londiste(&["d.ini", "members"]);
+    assert!(
+        members
+            .lines()
+            .any(|l| l.starts_with("b ") && l.contains("true")),
+        "b not dead:\n{members}"
+    );
+    w.wait_commits(100);
+    // b comes back; it takes its place again, live.
+    r.londiste(&["d.ini", "tag-alive", "b"]);
+    r.start_worker("b");
+    r.londiste(&["b.ini", "takeover", "d", "--all"]);
+    assert_eq!(provider(&r, "c"), "b");
+    assert_eq!(provider(&r, "d"), "b");
+    w.wait_commits(50);
+    let rep = w.stop();
+    assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+    r.wait_equal("a", "c");
+    r.wait_equal("a", "d");
+    assert_has_ids(&mut r.client("c"), &rep.committed, "c");
 }

@@ -5,6 +5,7 @@
 //! repeat says so and exits 0. This file holds what they share: the options and
 //! the connections to this node and to others.
 
+pub mod branch;
 pub mod cascade;
 pub mod compare;
 pub mod nodes;

@@ -57,7 +57,10 @@ pub fn takeover(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> 
                 all.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
             ))
         })?;
-    if opts.dead_root || opts.dead_branch {
+    if opts.dead_branch {
+        return super::branch::takeover_branch(cfg, opts, me_c, me, &old_m, None);
+    }
+    if opts.dead_root {
         return failover(cfg, opts, me_c, me, &old_m, &all);
     }
     let mut old_c = remote(cfg, &old_m.location).map_err(|e| {
@@ -67,10 +70,19 @@ pub fn takeover(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> 
     })?;
     let old = node::require(&mut old_c, &q, "its config")?;
     if !old.is_root() {
-        return Err(Error::Other(format!(
-            "node {old_name} is a {}, not the root: takeover switches the root over; move a branch's subscribers with change-provider",
-            old.node_type
-        )));
+        if old.provider_node.as_deref() == Some(me.node_name.as_str()) {
+            return Err(Error::Other(format!(
+                "node {old_name} already reads from {}: nothing to take over",
+                me.node_name
+            )));
+        }
+        if me.is_root() {
+            return Err(Error::Other(format!(
+                "{} is the root and {old_name} a {}: make it follow the root with change-provider",
+                me.node_name, old.node_type
+            )));
+        }
+        return super::branch::takeover_branch(cfg, opts, me_c, me, &old_m, Some((old_c, old)));
     }
     if opts.abort {
         return abort(&mut me_c, &me, &mut old_c, &old);
@@ -359,7 +371,7 @@ fn wait_for_tick_at_least(
     }
 }
 
-/// `--dead-root` / `--dead-branch`: the old node is gone.
+/// `--dead-root`: the old root is gone.
 fn failover(
     cfg: &WorkerConfig,
     opts: &Opts,
@@ -369,13 +381,6 @@ fn failover(
     all: &[Member],
 ) -> Result<()> {
     let q = cfg.queue_name.clone();
-    if opts.dead_branch {
-        return Err(Error::Usage(
-            "--dead-branch: a dead branch's subscribers are moved with change-provider on each of them; \
-             takeover --dead-root fails over a dead root"
-                .into(),
-        ));
-    }
     if let Ok(mut c) = remote(cfg, &old.location)
         && let Ok(Some(n)) = node::load(&mut c, &q)
         && n.is_root()

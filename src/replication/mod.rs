@@ -1,12 +1,12 @@
 //! The replication machinery: the worker of a node (`worker`), reading batches
 //! from a provider (`batch`), the initial copy and its merge with the event
-//! stream (`copy`), the set-based apply (`apply`), node state (`node`) and the
-//! text formats of events and snapshots (`record`).
+//! stream (`copy`), the set-based apply (`apply`), node state (`node`), the
+//! root's rounds (`root`) and the text formats of events and snapshots (`record`).
 
 pub mod apply;
 pub mod batch;
 pub mod copy;
-pub mod fence;
 pub mod node;
 pub mod record;
+pub mod root;
 pub mod worker;

@@ -18,9 +18,9 @@ use crate::replication::batch::{
     prepare_apply_session, tick_snapshot,
 };
 use crate::replication::copy;
-use crate::replication::fence;
 use crate::replication::node::{self, NodeInfo};
 use crate::replication::record::Snapshot;
+use crate::replication::root;
 use crossbeam_channel::Receiver;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Transaction};
@@ -42,10 +42,8 @@ pub struct Worker {
     /// The location `provider` is connected to: a change-provider or takeover
     /// changes node_info, and the worker follows without a restart.
     provider_loc: Option<String>,
-    /// A fenced root (takeover in progress) is said once.
-    fence_said: bool,
-    /// When this root last asked the members whether it was failed over.
-    failover_checked: Option<Instant>,
+    /// What a root's rounds remember (see root.rs).
+    root: root::RootState,
     applier: Applier,
     replica_mode: bool,
     copies: HashMap<String, CopyHandle>,
@@ -66,8 +64,7 @@ impl Worker {
             local: None,
             provider: None,
             provider_loc: None,
-            fence_said: false,
-            failover_checked: None,
+            root: Default::default(),
             applier: Applier::new(),
             replica_mode: false,
             copies: HashMap::new(),
@@ -171,7 +168,7 @@ impl Worker {
                         self.local = None;
                         self.provider = None;
                         // Back from an outage: was this root failed over meanwhile?
-                        self.failover_checked = None;
+                        self.root.failover_checked = None;
                     }
                     // Shown by status and node-info; when this node's own
                     // database is the one down, it cannot be, and the log has it.
@@ -322,7 +319,7 @@ impl Worker {
         if node.is_root() {
             return self.root_round(&node);
         }
-        self.fence_said = false;
+        self.root.fence_said = false;
         if node.paused {
             return Ok(false);
         }
@@ -375,54 +372,15 @@ impl Worker {
         Ok(true)
     }
 
-    /// The root publishes sequences ahead of use and ticks its own queue when
-    /// a tick is due (pgq.ticker's rules), so that a queue keeps ticking after a
-    /// takeover made this node the root before any pgqd was pointed at it
-    /// (with pgqd running too, the queue row lock serialises the two). A root
-    /// that is handing over (fenced) does neither: its last tick is final.
     fn root_round(&mut self, node: &NodeInfo) -> Result<bool> {
         // A former subscriber's provider connection is of no use any more.
         self.provider = None;
         self.provider_loc = None;
-        if let Some(to) = &node.fenced_to {
-            if !self.fence_said {
-                log::info!("root is handing over to node {to} (takeover); not ticking");
-                self.fence_said = true;
-            }
-            return Ok(false);
-        }
-        self.fence_said = false;
-        if self
-            .failover_checked
-            .is_none_or(|t| t.elapsed() >= fence::CHECK_EVERY)
-        {
-            self.failover_checked = Some(Instant::now());
-            let cfg = self.cfg.clone();
-            let local = self.local()?;
-            if let Some(to) = fence::failed_over_to(&cfg, local, node)? {
-                fence::fence_self(local, node, &to)?;
-                log::error!(
-                    "node {to} took over from this node while it was away (takeover --dead-root): \
-                     its tables now refuse writes; run `{} resurrect` to save what only this node has and follow {to}",
-                    cfg.command_hint()
-                );
-                return Ok(false);
-            }
-        }
-        let queue = node.queue_name.clone();
-        let (buf, tick) = (self.cfg.seq_buffer, self.cfg.root_ticker);
-        let c = self.local()?;
-        c.query_one("SELECT londiste.root_check_seqs($1, $2)", &[&queue, &buf])
-            .ctx(|| "cannot publish sequences".into())?;
-        if tick {
-            c.query(
-                "SELECT pgq.ticker(queue_name) FROM pgq.queue WHERE queue_name = $1 \
-                 AND NOT queue_external_ticker AND NOT queue_ticker_paused",
-                &[&queue],
-            )
-            .ctx(|| "cannot tick the root's queue".into())?;
-        }
-        Ok(false)
+        let cfg = self.cfg.clone();
+        let mut state = std::mem::take(&mut self.root);
+        let res = root::round(&cfg, self.local()?, node, &mut state);
+        self.root = state;
+        res.map(|_| false)
     }
 
     fn maybe_stats(&mut self) {
