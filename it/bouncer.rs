@@ -368,3 +368,96 @@ fn pgbouncer_cutover_under_pgbench_loses_nothing_and_fails_nothing() {
     let log = b.log();
     assert!(!log.contains("FATAL"), "pgbouncer logged FATAL:\n{log}");
 }
+
+/// Not part of the suite (`scripts/bench-cutover` runs it): pgbench at
+/// `BENCH_RATE` transactions/s (default 1000; 0 = unthrottled) through
+/// pgbouncer for the whole run while the root is switched `BENCH_RUNS` times
+/// (default 5) back and forth. Prints one `bench-cutover run` line per switch
+/// and a `bench-cutover pgbench` line with the failures and the max latency of
+/// any client transaction (from pgbench's per-transaction log).
+#[test]
+#[ignore]
+fn bench_cutovers_under_pgbench() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (rate, runs) = (env("BENCH_RATE", 1000), env("BENCH_RUNS", 5));
+    let mut r = Rig::new(&["master", "slave"]);
+    r.create_root("master");
+    r.create_sub("branch", "slave", "master");
+    r.start_ticker();
+    r.start_worker("master");
+    r.start_worker("slave");
+    r.add_all("master");
+    r.add_all("slave");
+    r.wait_synced("slave", 2);
+    let b = Bouncer::start(&target_of(&r.conn("master")));
+    let dir = r.d().to_path_buf();
+    let port = b.port;
+    let secs = (runs * 5 + 5).to_string();
+    let rate_opt = format!("--rate={rate}");
+    let bench = std::thread::spawn(move || {
+        let mut extra = vec!["-T", &secs, "-l", "--log-prefix=bench"];
+        if rate > 0 {
+            extra.push(&rate_opt);
+        }
+        pgbench(port, &dir, &extra)
+    });
+    let (mut old, mut new) = ("master", "slave");
+    for i in 1..=runs {
+        // Let the load settle on the current root (about 3 s of it).
+        let mut c = r.client(old);
+        let start = count(&mut c, PGBENCH_ROWS);
+        let want = if rate > 0 { rate as i64 * 3 } else { 1000 };
+        poll_until(
+            "pgbench to write on the root",
+            Duration::from_secs(60),
+            || {
+                let n = count(&mut c, PGBENCH_ROWS);
+                if n >= start + want {
+                    Ok(true)
+                } else {
+                    Err(format!("{} of {want} rows", n - start))
+                }
+            },
+        );
+        let out = cutover(&r, &b, new, old);
+        let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "cut-over {i} failed:\n{all}");
+        let tk = all
+            .find("writes paused ")
+            .map(|p| all[p + 14..].split(' ').next().unwrap().to_string())
+            .unwrap_or_default();
+        eprintln!(
+            "bench-cutover run {i} {old}->{new}: clients paused {} ms, takeover writes paused {tk} ms",
+            printed_client_pause(&all)
+        );
+        (old, new) = (new, old);
+    }
+    let bo = bench.join().unwrap();
+    let report = format!("{}{}", text(&bo.stdout), text(&bo.stderr));
+    let mut max_us = 0u64;
+    for e in fs::read_dir(r.d()).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("bench.") {
+            for l in fs::read_to_string(e.path()).unwrap().lines() {
+                let us = l.split(' ').nth(2).and_then(|v| v.parse().ok());
+                max_us = max_us.max(us.unwrap_or(0));
+            }
+        }
+    }
+    eprintln!(
+        "bench-cutover pgbench: exit {}, {} transactions, failed {}, aborted clients {}, tps {}, max latency {:.1} ms",
+        bo.status.code().unwrap_or(-1),
+        pgbench_figure(&report, "number of transactions actually processed: ").unwrap_or(-1.0),
+        pgbench_figure(&report, "number of failed transactions: ").unwrap_or(-1.0),
+        report.matches("aborted in command").count(),
+        pgbench_figure(&report, "tps = ").unwrap_or(-1.0),
+        max_us as f64 / 1000.0
+    );
+    if !bo.status.success() {
+        eprintln!("pgbench output:\n{report}");
+    }
+}
