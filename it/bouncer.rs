@@ -176,6 +176,7 @@ pub fn pgbench(port: u16, dir: &Path, extra: &[&str]) -> Output {
         .args(["-p", &port.to_string(), "-f", script.to_str().unwrap()])
         .args(extra)
         .arg(ALIAS)
+        .current_dir(dir)
         .stdin(Stdio::null())
         .output()
         .expect("run pgbench")
