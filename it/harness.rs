@@ -315,7 +315,7 @@ fn pg_bindir() -> PathBuf {
 
 /// A free port, reserved across processes by `/tmp/londiste-rs-port-N.lock`
 /// (holding our pid, so locks left by killed runs are reclaimed).
-fn reserve_port() -> (u16, PathBuf) {
+pub fn reserve_port() -> (u16, PathBuf) {
     for _ in 0..1000 {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

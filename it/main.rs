@@ -11,6 +11,7 @@ mod harness;
 mod harness_smoke;
 
 mod badinput;
+mod bouncer;
 mod connect;
 mod crash;
 mod cutover;
