@@ -211,6 +211,9 @@ fn switchover(
     .ctx(|| format!("cannot promote {} to root", me.node_name))?;
     let promote_ms = t_promote.elapsed().as_secs_f64() * 1e3;
     let pause_ms = t_fence.elapsed().as_secs_f64() * 1e3;
+    // A line of its own, at once: scripts/cutover-pgbouncer resumes its
+    // clients on it instead of waiting for the rest of the command.
+    println!("promoted {}: it takes writes", me.node_name);
     log::info!(
         "{} is the root: {} sequence(s) moved to the old root's values + {}",
         me.node_name,

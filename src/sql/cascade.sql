@@ -211,6 +211,11 @@ BEGIN
     PERFORM pgq.seq_setval(q.queue_tick_seq, i_tick);
     UPDATE pgq.queue SET queue_external_ticker = false, queue_disable_insert = false
      WHERE queue_id = q.queue_id;
+    -- The trigger DDL below takes each table in turn; an application writing
+    -- here already (it was refused a moment ago) would deadlock with it and
+    -- wait deadlock_timeout (1 s) for the detector: lock them all first, the
+    -- way the fence does. Readers only wait for the DROP TRIGGERs' instant.
+    PERFORM londiste._fence_lock(i_queue_name, '3s');
     FOR t IN SELECT ti.table_name, ti.key_columns FROM londiste.table_info ti
               WHERE ti.queue_name = i_queue_name AND ti.local AND to_regclass(ti.table_name) IS NOT NULL
               ORDER BY ti.table_name LOOP
@@ -263,6 +268,7 @@ BEGIN
     IF n.node_type <> 'root' THEN
         RETURN 0;
     END IF;
+    PERFORM londiste._fence_lock(i_queue_name, '3s');
     FOR t IN SELECT * FROM londiste._local_tables(i_queue_name) LOOP
         PERFORM pgq.capture_drop(i_queue_name, t::regclass);
         PERFORM londiste.fence_create(i_queue_name, t::regclass, i_new_node);
