@@ -285,14 +285,14 @@ fn pgbouncer_cutover_under_pgbench_loses_nothing_and_fails_nothing() {
             }
         },
     );
-    // A takeover that fails (here: no such node) leaves pgbouncer resumed and
-    // on the old root, its ini untouched.
+    // A takeover that fails its checks (here: no such node) stops before
+    // pgbouncer is paused; pgbouncer stays on the old root, its ini untouched.
     let ini_before = fs::read_to_string(b.ini()).unwrap();
     let bad = cutover(&r, &b, "slave", "nosuchnode");
     let bad_text = format!("{}{}", text(&bad.stdout), text(&bad.stderr));
     assert_eq!(bad.status.code(), Some(1), "{bad_text}");
     assert!(
-        bad_text.contains("still points database app at the old root"),
+        bad_text.contains("before pgbouncer was paused: nothing was changed"),
         "{bad_text}"
     );
     assert_eq!(fs::read_to_string(b.ini()).unwrap(), ini_before);

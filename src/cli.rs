@@ -393,6 +393,7 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
             "--dead-branch" => o.dead_branch = true,
             "--force" => o.force = true,
             "--abort" => o.abort = true,
+            "--wait-go" => o.wait_go = true,
             "--file" => o.file = v,
             "--max-lag" => o.max_lag = seconds_flag("--max-lag", v)?,
             "--wait-timeout" => o.wait_timeout = seconds_flag("--wait-timeout", v)?,

@@ -51,6 +51,8 @@ pub struct Opts {
     pub max_lag: std::time::Duration,
     pub wait_timeout: std::time::Duration,
     pub seq_margin: i64,
+    /// takeover: after the checks, wait for "go" on stdin before fencing.
+    pub wait_go: bool,
     /// resurrect: where the lost events go.
     pub file: Option<String>,
 }
@@ -81,6 +83,7 @@ impl Default for Opts {
             max_lag: std::time::Duration::from_secs(10),
             wait_timeout: std::time::Duration::from_secs(60),
             seq_margin: 1000,
+            wait_go: false,
             file: None,
         }
     }

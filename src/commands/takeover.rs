@@ -165,6 +165,21 @@ fn switchover(
         log::info!("checks passed: tables in sync, worker running, lag within bounds");
     }
 
+    if opts.wait_go {
+        // Everything slow (connections, checks) is done: a caller that holds
+        // its clients (scripts/cutover-pgbouncer) pauses them now.
+        println!("ready to fence {}", old.node_name);
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .ctx(|| "cannot read standard input (--wait-go)".into())?;
+        if line.trim() != "go" {
+            return Err(Error::Other(format!(
+                "takeover stopped before the fence (--wait-go got {:?}, not \"go\"): nothing was changed",
+                line.trim()
+            )));
+        }
+    }
     // Step 1: the fence. From here until the promotion no node takes writes.
     let t_fence = Instant::now();
     let tick = fence(&mut old_c, &q, &me.node_name, &old.node_name)?;
