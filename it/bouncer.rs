@@ -256,15 +256,7 @@ const QTY_SUM: &str = "select sum(qty)::bigint from items";
 /// master to slave: no client error, every transaction on both nodes.
 #[test]
 fn pgbouncer_cutover_under_pgbench_loses_nothing_and_fails_nothing() {
-    let mut r = Rig::new(&["master", "slave"]);
-    r.create_root("master");
-    r.create_sub("branch", "slave", "master");
-    r.start_ticker();
-    r.start_worker("master");
-    r.start_worker("slave");
-    r.add_all("master");
-    r.add_all("slave");
-    r.wait_synced("slave", 2);
+    let r = Rig::root_and_branch();
     let b = Bouncer::start(&target_of(&r.conn("master")));
     let qty0 = count(&mut r.client("master"), QTY_SUM);
 
@@ -412,15 +404,7 @@ fn bench_cutovers_under_pgbench() {
             .unwrap_or(d)
     };
     let (rate, runs) = (env("BENCH_RATE", 1000), env("BENCH_RUNS", 5));
-    let mut r = Rig::new(&["master", "slave"]);
-    r.create_root("master");
-    r.create_sub("branch", "slave", "master");
-    r.start_ticker();
-    r.start_worker("master");
-    r.start_worker("slave");
-    r.add_all("master");
-    r.add_all("slave");
-    r.wait_synced("slave", 2);
+    let r = Rig::root_and_branch();
     let b = Bouncer::start(&target_of(&r.conn("master")));
     let dir = r.d().to_path_buf();
     let port = b.port;

@@ -89,6 +89,21 @@ impl Rig {
         }
     }
 
+    /// master (root) and slave (branch) in sync, with the ticker and both
+    /// workers running.
+    pub fn root_and_branch() -> Rig {
+        let mut r = Rig::new(&["master", "slave"]);
+        r.create_root("master");
+        r.create_sub("branch", "slave", "master");
+        r.start_ticker();
+        r.start_worker("master");
+        r.start_worker("slave");
+        r.add_all("master");
+        r.add_all("slave");
+        r.wait_synced("slave", 2);
+        r
+    }
+
     pub fn d(&self) -> &Path {
         self.dir.path()
     }
@@ -346,15 +361,7 @@ pub fn printed_pause(out: &str) -> f64 {
 /// takeover switches back. Nothing lost, nothing twice, no duplicate key.
 #[test]
 fn switchover_of_a_branch_and_back_under_writes() {
-    let mut r = Rig::new(&["master", "slave"]);
-    r.create_root("master");
-    r.create_sub("branch", "slave", "master");
-    r.start_ticker();
-    r.start_worker("master");
-    r.start_worker("slave");
-    r.add_all("master");
-    r.add_all("slave");
-    r.wait_synced("slave", 2);
+    let r = Rig::root_and_branch();
     let seqs = r.londiste(&["slave.ini", "seqs"]);
     assert!(
         seqs.contains("public.orders_id_seq"),
@@ -726,15 +733,7 @@ fn change_provider_in_a_chain_then_drop_node() {
 /// no node takes writes; re-running the command finishes the switch.
 #[test]
 fn takeover_rerun_after_sigkill_in_the_middle() {
-    let mut r = Rig::new(&["master", "slave"]);
-    r.create_root("master");
-    r.create_sub("branch", "slave", "master");
-    r.start_ticker();
-    r.start_worker("master");
-    r.start_worker("slave");
-    r.add_all("master");
-    r.add_all("slave");
-    r.wait_synced("slave", 2);
+    let mut r = Rig::root_and_branch();
     let w = Writer::start(
         vec![r.conn("master"), r.conn("slave")],
         Duration::from_millis(2),

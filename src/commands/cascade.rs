@@ -440,29 +440,8 @@ pub fn drop_node(cfg: &WorkerConfig, args: &[String]) -> Result<()> {
             if let Some(n) = node::load(&mut t, &q)? {
                 provider_loc = n.provider_location.clone();
                 worker = Some(n.worker_name.clone());
-                let mut tx = t.transaction().ctx(|| "cannot begin".into())?;
-                tx.query(
-                    "SELECT pgq.capture_drop($1, table_name::regclass), londiste.deny_drop($1, table_name::regclass)
-                       FROM londiste._local_tables($1) table_name",
-                    &[&q],
-                )
-                .ctx(|| format!("cannot remove the triggers on {name}"))?;
-                tx.execute(
-                    "DELETE FROM londiste.node_info WHERE queue_name = $1",
-                    &[&q],
-                )
-                .ctx(|| format!("cannot remove the node state on {name}"))?;
-                tx.execute(
-                    "DELETE FROM londiste.node_location WHERE queue_name = $1",
-                    &[&q],
-                )
-                .ctx(|| format!("cannot remove the members on {name}"))?;
-                tx.query(
-                    "SELECT pgq.drop_queue(queue_name, true) FROM pgq.queue WHERE queue_name = $1",
-                    &[&q],
-                )
-                .ctx(|| format!("cannot drop the queue on {name}"))?;
-                tx.commit().ctx(|| "cannot commit".into())?;
+                t.query_one("SELECT londiste.drop_local_node($1)", &[&q])
+                    .ctx(|| format!("cannot remove the node state on {name}"))?;
                 log::info!("node state, queue and triggers removed on {name}");
             }
         }

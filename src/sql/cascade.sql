@@ -322,3 +322,19 @@ BEGIN
         END IF;
     END LOOP;
 END $$;
+
+-- drop-node, on the node itself: its triggers, node state, members and queue.
+CREATE OR REPLACE FUNCTION londiste.drop_local_node(i_queue_name text) RETURNS int4
+LANGUAGE plpgsql AS $$
+DECLARE
+    t text;
+BEGIN
+    FOR t IN SELECT * FROM londiste._local_tables(i_queue_name) LOOP
+        PERFORM pgq.capture_drop(i_queue_name, t::regclass);
+        PERFORM londiste.deny_drop(i_queue_name, t::regclass);
+    END LOOP;
+    DELETE FROM londiste.node_info WHERE queue_name = i_queue_name;
+    DELETE FROM londiste.node_location WHERE queue_name = i_queue_name;
+    PERFORM pgq.drop_queue(queue_name, true) FROM pgq.queue WHERE queue_name = i_queue_name;
+    RETURN 1;
+END $$;
