@@ -62,7 +62,17 @@ impl Cluster {
     /// (which must keep `local all all trust`: harness clients then use the
     /// socket). The server's own files must be readable by `run_as_user()`.
     pub fn start_with(extra_conf: &str, hba: Option<&str>) -> Cluster {
-        let pg_bin = pg_bindir();
+        Cluster::start_in(pg_bindir(), extra_conf, hba)
+    }
+
+    /// A new cluster of PostgreSQL `major` (10 to 18), from the builds that
+    /// `scripts/pg-builds` fetches and caches (see `pg_build`).
+    pub fn start_major(major: u32) -> Cluster {
+        Cluster::start_in(pg_build(major), "", None)
+    }
+
+    /// `start_with`, run by the server binaries in `pg_bin`.
+    pub fn start_in(pg_bin: PathBuf, extra_conf: &str, hba: Option<&str>) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("londiste-rs-pg-")
             .tempdir()
@@ -131,6 +141,18 @@ impl Cluster {
         })
     }
 
+    /// The server's `server_version_num` (e.g. 100023, 180004).
+    pub fn version_num(&self) -> i32 {
+        let v = self.psql("postgres", "SHOW server_version_num");
+        v.parse()
+            .unwrap_or_else(|e| panic!("server_version_num {v:?}: {e}"))
+    }
+
+    /// The server's major version (10, ..., 18).
+    pub fn major(&self) -> u32 {
+        (self.version_num() / 10000) as u32
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -169,7 +191,19 @@ impl Cluster {
     pub fn create_db(&self, name: &str) -> String {
         let q = format!("\"{}\"", name.replace('"', "\"\""));
         let mut c = self.client("postgres");
-        c.batch_execute(&format!("DROP DATABASE IF EXISTS {q} WITH (FORCE)"))
+        // WITH (FORCE) is 13+; before that, end the sessions first.
+        let force = if self.version_num() >= 130000 {
+            " WITH (FORCE)"
+        } else {
+            c.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&name],
+            )
+            .unwrap_or_else(|e| panic!("end sessions of {name}: {e}"));
+            ""
+        };
+        c.batch_execute(&format!("DROP DATABASE IF EXISTS {q}{force}"))
             .unwrap_or_else(|e| panic!("drop database {name}: {e}"));
         c.batch_execute(&format!("CREATE DATABASE {q}"))
             .unwrap_or_else(|e| panic!("create database {name}: {e}"));
@@ -311,6 +345,35 @@ fn pg_bindir() -> PathBuf {
             .expect("no PostgreSQL server binaries: install postgresql or set LONDISTE_TEST_PGBIN")
     })
     .clone()
+}
+
+/// The bin dir of PostgreSQL `major`, fetched and cached on first use by
+/// `scripts/pg-builds` (npm registry builds; see its header for the cache
+/// dir). Panics with the script's output when it cannot be had.
+pub fn pg_build(major: u32) -> PathBuf {
+    static DIRS: std::sync::Mutex<Vec<(u32, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut dirs = DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, d)) = dirs.iter().find(|(m, _)| *m == major) {
+        return d.clone();
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg-builds");
+    let out = Command::new(&script)
+        .arg(major.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    let dir = PathBuf::from(text(&out.stdout).trim());
+    if !out.status.success() || !dir.join("postgres").exists() {
+        panic!(
+            "cannot get PostgreSQL {major} ({} {major}: {}):\n{}{}",
+            script.display(),
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+    dirs.push((major, dir.clone()));
+    dir
 }
 
 /// A free port, reserved across processes by `/tmp/londiste-rs-port-N.lock`

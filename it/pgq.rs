@@ -15,7 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// The session settings a replica applies events under (see `src/db.rs`).
-const EXACT_SETTINGS: &str = "SET datestyle = 'ISO, YMD'; SET intervalstyle = 'postgres'; \
+pub const EXACT_SETTINGS: &str = "SET datestyle = 'ISO, YMD'; SET intervalstyle = 'postgres'; \
      SET timezone = 'UTC'; SET extra_float_digits = 3; SET bytea_output = 'hex'";
 
 /// Settings a writer might well have, all different from the capture's.
@@ -1297,7 +1297,7 @@ fn events_written_in_the_ticking_transaction_are_delivered() {
 
 /// Column definitions of the type round-trip table (hstore appended when
 /// the extension is available).
-const RT_COLUMNS: &str = "id int PRIMARY KEY, n numeric, f8 float8, f4 float4, txt text, b bytea,
+pub const RT_COLUMNS: &str = "id int PRIMARY KEY, n numeric, f8 float8, f4 float4, txt text, b bytea,
     d date, ts timestamp, tstz timestamptz, tm time, tmtz timetz, iv interval,
     ia int[], ta text[], comp pair, e mood, dom posint, r4 int4range, rtz tstzrange,
     mr int4multirange, j json, jb jsonb, ip inet, cid cidr, mac macaddr, pt point,
@@ -1305,7 +1305,7 @@ const RT_COLUMNS: &str = "id int PRIMARY KEY, n numeric, f8 float8, f4 float4, t
     m8 macaddr8, ln line, ls lseg, pa path, pc path";
 
 /// A row with an odd value in every column (no id, no hstore).
-const RT_ROW: &str = r#"
+pub const RT_ROW: &str = r#"
     '1234567890123456789012345678901234567890.123456789012345678901234567890123',
     '-0', '3.4028235e38',
     E'quote" apos'' back\\slash, comma (paren) {brace}\nnewline\ttab\r 😀 Ünï  ',
@@ -1342,10 +1342,10 @@ const RT_GEO_EXPECTED: &[&str] = &[
      ((-1,-1),(1,1),(1,-1),(-1,1)) | <(0,0),Infinity> | 0.0.0.0/0 | f | f",
 ];
 
-const RT_HSTORE: &str = r#"'"a"=>"1", "b c"=>NULL, "q\"k"=>"v,w"'"#;
+pub const RT_HSTORE: &str = r#"'"a"=>"1", "b c"=>NULL, "q\"k"=>"v,w"'"#;
 
 /// Rows with special values in a few columns.
-const RT_SPARSE: &[&str] = &[
+pub const RT_SPARSE: &[&str] = &[
     "(2, 'NaN', 'NaN', 'NaN', '', '\\x'::bytea, '4713-01-01 BC', '-infinity', 'infinity', '-178000000 years', '{}', '{}', '(,)', '[]', 'null', '',
       '08:00:2b:01:02:03', '{0,1,-1e-310}', '[(0.30000000000000004,1e300),(-0,0)]', '[(0.1,0.2)]', '((1e-310,5e-324),(1.7976931348623157e308,0))',
       '(-0,NaN)', '(Infinity,Infinity),(-Infinity,-Infinity)', '((0.30000000000000004,0))', '<(1e-310,-0),0>', 'fe80::1/64')",
@@ -1356,7 +1356,7 @@ const RT_SPARSE: &[&str] = &[
       '0800.2b01.0203.0405', '{1,0,-0.30000000000000004}', '[(1,1),(1,1)]', '((1,2),(3,4),(5,6),(7,8),(9,10))', '[(-1e308,1e308)]',
       '(0.1,0.2)', '(1,2),(3,4)', '((-1,-1),(1,1),(1,-1),(-1,1))', '<(0,0),Infinity>', '0.0.0.0/0')",
 ];
-const RT_SPARSE_COLS: &str = "(id, n, f8, f4, txt, b, d, ts, tstz, iv, ia, ta, comp, j, jb, x,
+pub const RT_SPARSE_COLS: &str = "(id, n, f8, f4, txt, b, d, ts, tstz, iv, ia, ta, comp, j, jb, x,
     m8, ln, ls, pa, pc, pt, bx, pg, ci, ip)";
 
 fn rt_setup(c: &mut Client) -> bool {

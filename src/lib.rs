@@ -10,7 +10,8 @@
 //! - `queue`: the ticker (pgqd mode), the installer of the SQL in `sql/`, and the
 //!   queue operations commands need;
 //! - beside them, `process` (supervisor, daemon, signals, logging, threads) and
-//!   the shared ground: `db`, `config`, `error`, `names`.
+//!   the shared ground: `db`, `config`, `error`, `names`, `version` (the supported
+//!   servers and where they differ).
 
 pub mod cli;
 pub mod commands;
@@ -22,3 +23,4 @@ pub mod process;
 pub mod queue;
 pub mod replication;
 pub mod samples;
+pub mod version;

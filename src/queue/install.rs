@@ -4,7 +4,7 @@
 //! advisory lock, so two processes installing at once do not collide, and an
 //! upgrade keeps every queued event (tables are only ever created if missing).
 
-use crate::error::{Context, Result};
+use crate::error::{Context, Error, Result};
 use postgres::{Client, GenericClient};
 
 const PGQ_SQL: &str = concat!(
@@ -49,7 +49,30 @@ fn installed_version<C: GenericClient>(c: &mut C, component: &str) -> Result<Opt
     Ok(row.map(|r| r.get(0)))
 }
 
+/// ` (at <file> line N: <that line>)` for an error the server placed in the
+/// script, so an install error names the statement that failed.
+fn where_in_script(component: &str, sql: &str, e: &postgres::Error) -> String {
+    let Some(postgres::error::ErrorPosition::Original(pos)) =
+        e.as_db_error().and_then(|d| d.position())
+    else {
+        return String::new();
+    };
+    // The position counts characters from 1.
+    let before: String = sql.chars().take((*pos as usize).saturating_sub(1)).collect();
+    let mut line = before.matches('\n').count() + 1;
+    let mut file = if component == "pgq" { "pgq.sql" } else { "londiste.sql" };
+    let pgq_lines = include_str!("../sql/pgq.sql").lines().count() + 1;
+    if component == "pgq" && line > pgq_lines {
+        (file, line) = ("capture.sql", line - pgq_lines);
+    }
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let text = sql[start..].lines().next().unwrap_or("").trim();
+    let text: String = text.chars().take(80).collect();
+    format!(" (at {file} line {line}: {text})")
+}
+
 fn install_component(c: &mut Client, component: &str, sql: &str, version: i32) -> Result<bool> {
+    crate::version::require_supported(c)?;
     if installed_version(c, component)? == Some(version) {
         return Ok(false);
     }
@@ -64,10 +87,17 @@ fn install_component(c: &mut Client, component: &str, sql: &str, version: i32) -
     }
     tx.batch_execute("SET LOCAL client_min_messages = warning")
         .ctx(|| "cannot set client_min_messages".into())?;
-    tx.batch_execute(sql).ctx(|| {
-        format!(
-            "cannot install the {component} schema (does this role have CREATE on the database?)"
-        )
+    tx.batch_execute(sql).map_err(|e| {
+        let msg = format!(
+            "cannot install the {component} schema: {}{}",
+            crate::error::pg_message(&e),
+            where_in_script(component, sql, &e)
+        );
+        if crate::error::is_connection_error(&e) {
+            Error::Unavailable(msg)
+        } else {
+            Error::Db(msg)
+        }
     })?;
     tx.execute(
         "INSERT INTO pgq.schema_info (component, version) VALUES ($1, $2)

@@ -210,13 +210,19 @@ impl Applier {
         if let Some(m) = self.meta.get(dest) {
             return Ok(m.clone());
         }
+        let generated = crate::version::attgenerated_expr(
+            crate::version::server_version_num(tx)?,
+            "a",
+        );
         let rows = tx
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '', a.attidentity = 'a',
-                        c.relkind = 'p'
-                   FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-                  WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
-                  ORDER BY a.attnum",
+                &format!(
+                    "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), {generated}, a.attidentity = 'a',
+                            c.relkind = 'p'
+                       FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+                      WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
+                      ORDER BY a.attnum"
+                ),
                 &[&dest],
             )
             .ctx(|| format!("cannot read the columns of {dest} on this node (does the table exist?)"))?;

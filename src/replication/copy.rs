@@ -225,6 +225,8 @@ fn full_copy(
             )));
         }
     }
+    let local_major = crate::version::server_version_num(&mut ltx)? / 10000;
+    crate::version::check_types_fit(&mut stx, &src_table, local_major)?;
     let dropped: i32 = ltx
         .query_one(
             "SELECT londiste.drop_table_fkeys($1::text::regclass)",
@@ -342,10 +344,13 @@ fn full_copy(
 }
 
 fn columns<C: postgres::GenericClient>(c: &mut C, table: &str) -> Result<Vec<String>> {
+    let generated = crate::version::attgenerated_expr(crate::version::server_version_num(c)?, "a");
     let rows = c
         .query(
-            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0
-                AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+            &format!(
+                "SELECT attname::text FROM pg_attribute a WHERE attrelid = $1::text::regclass AND attnum > 0
+                    AND NOT attisdropped AND NOT ({generated}) ORDER BY attnum"
+            ),
             &[&table],
         )
         .ctx(|| format!("cannot read the columns of {table}"))?;

@@ -44,9 +44,14 @@ $$;
 -- Does a column of the table involve money (directly, in a domain, an array, a
 -- range or a composite)? Its text then depends on lc_monetary.
 CREATE OR REPLACE FUNCTION pgq._type_uses_money(i_table regclass) RETURNS boolean
-LANGUAGE sql STABLE AS $$
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    found boolean;
+BEGIN
+    -- Multiranges (pg_range.rngmultitypid) are 14+.
+    EXECUTE format($q$
     WITH RECURSIVE t(oid) AS (
-        SELECT atttypid FROM pg_attribute WHERE attrelid = i_table AND attnum > 0 AND NOT attisdropped
+        SELECT atttypid FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped
         UNION
         SELECT x FROM t JOIN pg_type ty ON ty.oid = t.oid
          CROSS JOIN LATERAL (
@@ -54,11 +59,15 @@ LANGUAGE sql STABLE AS $$
              UNION ALL SELECT ty.typelem WHERE ty.typelem <> 0
              UNION ALL SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = ty.typrelid AND ty.typrelid <> 0 AND a.attnum > 0
              UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = ty.oid
-             UNION ALL SELECT m.rngtypid FROM pg_range m WHERE m.rngmultitypid = ty.oid
+             %s
          ) n(x)
     )
-    SELECT EXISTS (SELECT 1 FROM t WHERE oid = 'money'::regtype)
-$$;
+    SELECT EXISTS (SELECT 1 FROM t WHERE oid = 'money'::regtype)$q$,
+        CASE WHEN pgq._server_version() >= 140000
+             THEN 'UNION ALL SELECT m.rngtypid FROM pg_range m WHERE m.rngmultitypid = ty.oid' ELSE '' END)
+    INTO found USING i_table;
+    RETURN found;
+END $$;
 
 -- Switch the settings that shape value text to the canonical forms for the rest
 -- of the statement; returns the old values for _capture_settings_leave.
@@ -178,8 +187,8 @@ BEGIN
     RAISE EXCEPTION 'table %% is replicated into this node from queue %% (%% refused): write to the root node instead', %L, %L, TG_OP
         USING ERRCODE = 'insufficient_privilege';
 END $b$$f$, pgq._capture_fn_name(q.queue_id, i_table, 'deny'), settings, tname, i_queue_name);
-        EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                       '_pgq_' || q.queue_id || '_deny', i_table, pgq._capture_fn_name(q.queue_id, i_table, 'deny'));
+        EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s FOR EACH STATEMENT EXECUTE %s %s()',
+                       '_pgq_' || q.queue_id || '_deny', i_table, pgq._trigger_exec(), pgq._capture_fn_name(q.queue_id, i_table, 'deny'));
         RETURN '_pgq_' || q.queue_id || '_deny';
     END IF;
 
@@ -289,14 +298,14 @@ $n$;
     EXECUTE format('CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql %s AS %L',
                    pgq._capture_fn_name(q.queue_id, i_table, 'r'), settings, replace(prologue, '@MULTI@', ', false') || body_r);
 
-    EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                   '_pgq_' || q.queue_id || '_ins', i_table, pgq._capture_fn_name(q.queue_id, i_table, 'i'));
-    EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                   '_pgq_' || q.queue_id || '_upd', i_table, pgq._capture_fn_name(q.queue_id, i_table, 'u'));
-    EXECUTE format('CREATE TRIGGER %I AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                   '_pgq_' || q.queue_id || '_del', i_table, pgq._capture_fn_name(q.queue_id, i_table, 'd'));
-    EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                   '_pgq_' || q.queue_id || '_trunc', i_table, pgq._capture_fn_name(q.queue_id, i_table, 'r'));
+    EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE %s %s()',
+                   '_pgq_' || q.queue_id || '_ins', i_table, pgq._trigger_exec(), pgq._capture_fn_name(q.queue_id, i_table, 'i'));
+    EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE %s %s()',
+                   '_pgq_' || q.queue_id || '_upd', i_table, pgq._trigger_exec(), pgq._capture_fn_name(q.queue_id, i_table, 'u'));
+    EXECUTE format('CREATE TRIGGER %I AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE %s %s()',
+                   '_pgq_' || q.queue_id || '_del', i_table, pgq._trigger_exec(), pgq._capture_fn_name(q.queue_id, i_table, 'd'));
+    EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE %s %s()',
+                   '_pgq_' || q.queue_id || '_trunc', i_table, pgq._trigger_exec(), pgq._capture_fn_name(q.queue_id, i_table, 'r'));
     RETURN '_pgq_' || q.queue_id;
 END $gen$;
 

@@ -206,8 +206,8 @@ CREATE OR REPLACE FUNCTION londiste.deny_create(i_queue_name text, i_table regcl
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM londiste.deny_drop(i_queue_name, i_table);
-    EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION londiste.deny_trigger(%L)',
-                   londiste.deny_trigger_name(i_queue_name), i_table, i_queue_name);
+    EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s FOR EACH STATEMENT EXECUTE %s londiste.deny_trigger(%L)',
+                   londiste.deny_trigger_name(i_queue_name), i_table, pgq._trigger_exec(), i_queue_name);
     RETURN londiste.deny_trigger_name(i_queue_name);
 END $$;
 

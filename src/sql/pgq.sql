@@ -9,6 +9,19 @@
 
 CREATE SCHEMA IF NOT EXISTS pgq;
 
+-- Supported servers: PostgreSQL 10 to 18. Where they differ (see the version
+-- table in README.md) the code asks the server which one it is, here, and
+-- builds version-specific statements with dynamic EXECUTE.
+CREATE OR REPLACE FUNCTION pgq._server_version() RETURNS int4
+LANGUAGE sql STABLE AS $$ SELECT current_setting('server_version_num')::int4 $$;
+
+-- CREATE TRIGGER ... EXECUTE FUNCTION is 11+; 10 knows only the (later
+-- deprecated) spelling EXECUTE PROCEDURE.
+CREATE OR REPLACE FUNCTION pgq._trigger_exec() RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN pgq._server_version() >= 110000 THEN 'FUNCTION' ELSE 'PROCEDURE' END
+$$;
+
 CREATE TABLE IF NOT EXISTS pgq.schema_info (
     component text PRIMARY KEY,
     version int4 NOT NULL,
