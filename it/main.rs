@@ -25,3 +25,4 @@ mod repl;
 mod seqs;
 mod size;
 mod tutorial;
+mod versions;

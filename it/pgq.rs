@@ -1297,7 +1297,8 @@ fn events_written_in_the_ticking_transaction_are_delivered() {
 
 /// Column definitions of the type round-trip table (hstore appended when
 /// the extension is available).
-pub const RT_COLUMNS: &str = "id int PRIMARY KEY, n numeric, f8 float8, f4 float4, txt text, b bytea,
+pub const RT_COLUMNS: &str =
+    "id int PRIMARY KEY, n numeric, f8 float8, f4 float4, txt text, b bytea,
     d date, ts timestamp, tstz timestamptz, tm time, tmtz timetz, iv interval,
     ia int[], ta text[], comp pair, e mood, dom posint, r4 int4range, rtz tstzrange,
     mr int4multirange, j json, jb jsonb, ip inet, cid cidr, mac macaddr, pt point,

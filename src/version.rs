@@ -74,11 +74,13 @@ const NEWER_TYPES: &[(&str, i32, &str)] = &[
 
 /// The columns of `table` (on the connected source) whose type, or a type it
 /// is built from (array element, domain base, range subtype, composite
-/// field), a server of `target_major` does not have: an error naming table,
-/// column and type, so a value is never silently turned into something else.
+/// field), a server of `target_major` does not have: an error naming table
+/// (as `shown`), column and type, so a value is never silently turned into
+/// something else.
 pub fn check_types_fit<C: GenericClient>(
     src: &mut C,
     table: &str,
+    shown: &str,
     target_major: i32,
 ) -> Result<()> {
     let rows = src
@@ -125,7 +127,7 @@ pub fn check_types_fit<C: GenericClient>(
                 format!(" (built on {name})")
             };
             return Err(Error::Other(format!(
-                "cannot replicate {table}: column \"{col}\" has type {coltype}{via}, which PostgreSQL {target_major} does not have ({what} came in {major}); \
+                "cannot replicate {shown}: column \"{col}\" has type {coltype}{via}, which PostgreSQL {target_major} does not have ({what} came in {major}); \
                  change the column's type on the provider, or replicate into PostgreSQL {major} or newer"
             )));
         }

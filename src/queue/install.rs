@@ -58,9 +58,16 @@ fn where_in_script(component: &str, sql: &str, e: &postgres::Error) -> String {
         return String::new();
     };
     // The position counts characters from 1.
-    let before: String = sql.chars().take((*pos as usize).saturating_sub(1)).collect();
+    let before: String = sql
+        .chars()
+        .take((*pos as usize).saturating_sub(1))
+        .collect();
     let mut line = before.matches('\n').count() + 1;
-    let mut file = if component == "pgq" { "pgq.sql" } else { "londiste.sql" };
+    let mut file = if component == "pgq" {
+        "pgq.sql"
+    } else {
+        "londiste.sql"
+    };
     let pgq_lines = include_str!("../sql/pgq.sql").lines().count() + 1;
     if component == "pgq" && line > pgq_lines {
         (file, line) = ("capture.sql", line - pgq_lines);

@@ -210,10 +210,8 @@ impl Applier {
         if let Some(m) = self.meta.get(dest) {
             return Ok(m.clone());
         }
-        let generated = crate::version::attgenerated_expr(
-            crate::version::server_version_num(tx)?,
-            "a",
-        );
+        let generated =
+            crate::version::attgenerated_expr(crate::version::server_version_num(tx)?, "a");
         let rows = tx
             .query(
                 &format!(

@@ -226,7 +226,7 @@ fn full_copy(
         }
     }
     let local_major = crate::version::server_version_num(&mut ltx)? / 10000;
-    crate::version::check_types_fit(&mut stx, &src_table, local_major)?;
+    crate::version::check_types_fit(&mut stx, &src_table, table, local_major)?;
     let dropped: i32 = ltx
         .query_one(
             "SELECT londiste.drop_table_fkeys($1::text::regclass)",
