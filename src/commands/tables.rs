@@ -149,10 +149,15 @@ fn add_tables(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
             )));
         }
     }
+    // A type this server lacks is refused here already, not at the copy.
+    let local_major = crate::version::server_version_num(&mut c)? / 10000;
     for t in names {
         if have.contains(&t) {
             log::info!("Table {t} already added");
             continue;
+        }
+        if provider_tables.contains(&t) {
+            crate::version::check_types_fit(&mut p, &t, &t, local_major)?;
         }
         if !provider_tables.contains(&t) && !opts.expect_sync {
             let msg = format!(
