@@ -502,3 +502,103 @@ fn pair() {
     let (a, b) = spec.split_once(':').expect("SOURCE:TARGET");
     replicate(major(a), major(b), Kind::Branch);
 }
+
+/// Generated columns (12+) across the 12 line: from 18, where `twice` is
+/// generated, into 10, where it is a plain column that must get the values;
+/// and from 10, where the application fills it, into 18, where it is
+/// generated and computed there.
+#[test]
+fn generated_columns_across_12() {
+    let (new, old) = (Side::new(Some(18)), Side::new(Some(10)));
+    let (new, old) = (new.c(), old.c());
+    let gen_t =
+        "create table g (id int primary key, a int, twice int generated always as (a * 2) stored)";
+    let plain_t = "create table g (id int primary key, a int, twice int)";
+    for (s, t, s_sql, t_sql, ins) in [
+        (new, old, gen_t, plain_t, "insert into g (id, a) values"),
+        (
+            old,
+            new,
+            plain_t,
+            gen_t,
+            "insert into g (id, a, twice) values",
+        ),
+    ] {
+        let (smaj, tmaj) = (s.major(), t.major());
+        let master = unique_name(&format!("gen{smaj}_master"));
+        let slave = unique_name(&format!("gen{tmaj}_target"));
+        let (mconn, sconn) = (s.create_db(&master), t.create_db(&slave));
+        let mut m = s.client(&master);
+        let row = |i: i32| {
+            if ins.contains("twice") {
+                format!("({i}, {i}, {})", i * 2)
+            } else {
+                format!("({i}, {i})")
+            }
+        };
+        // Row 4 is only ever copied, never changed by an event.
+        m.batch_execute(&format!(
+            "{s_sql}; {ins} {}, {}, {}",
+            row(1),
+            row(2),
+            row(4)
+        ))
+        .unwrap();
+        t.client(&slave).batch_execute(t_sql).unwrap();
+        let dir = TestDir::new();
+        dir.tutorial_inis(&s.base_connstr(), &master, &mconn, &sconn, "");
+        let d = dir.path();
+        ok(
+            "londiste3",
+            &["master.ini", "create-root", "master", &mconn],
+            d,
+        );
+        let provider = format!("--provider={mconn}");
+        ok(
+            "londiste3",
+            &["slave.ini", "create-leaf", "target", &sconn, &provider],
+            d,
+        );
+        let _jobs = KillOnDrop(spawn(
+            "londiste-rs",
+            &["run", "ticker.ini", "master.ini", "slave.ini"],
+            d,
+        ));
+        ok("londiste3", &["master.ini", "add-table", "public.g"], d);
+        ok("londiste3", &["slave.ini", "add-table", "public.g"], d);
+        poll_until("g ok on the target", Duration::from_secs(30), || {
+            tables_ok(&dir, "slave.ini", &["public.g"])
+        });
+        m.batch_execute(&format!(
+            "{ins} {}; update g set a = 10{} where id = 1; delete from g where id = 2",
+            row(3),
+            if ins.contains("twice") {
+                ", twice = 20"
+            } else {
+                ""
+            }
+        ))
+        .unwrap();
+        poll_eq_target(
+            t,
+            &slave,
+            "1|10|20,3|3|6,4|4|8",
+            &format!("{smaj} -> {tmaj}"),
+        );
+    }
+}
+
+/// Waits until `g` on the target reads `expected` (rows as `id|a|twice`).
+fn poll_eq_target(t: &Cluster, db: &str, expected: &str, what: &str) {
+    crate::harness::poll_eq(
+        &format!("g on the target ({what})"),
+        Duration::from_secs(30),
+        expected.to_string(),
+        || {
+            Ok(t.psql(
+                db,
+                "select string_agg(id || '|' || a || '|' || twice, ',' order by id) from g",
+            ))
+        },
+    );
+}

@@ -213,13 +213,18 @@ fn full_copy(
             "table {dest} does not exist on this node; create it, or re-add with --create"
         ))
     })?;
+    // A column generated on the provider but plain here (an older server
+    // here, or a table made that way) is copied like any other: its events
+    // carry the value too. One generated here is computed here, as apply
+    // does (a newer server here that computes what the old one stored).
+    let is_plain = |c: &String| dst_cols.iter().any(|(d, g)| d == c && !g);
     let common: Vec<String> = src_cols
         .iter()
-        .filter(|c| dst_cols.contains(c))
-        .cloned()
+        .filter(|(c, _)| is_plain(c))
+        .map(|(c, _)| c.clone())
         .collect();
-    for c in &src_cols {
-        if !dst_cols.contains(c) {
+    for (c, generated) in &src_cols {
+        if !generated && !dst_cols.iter().any(|(d, _)| d == c) {
             return Err(Error::Other(format!(
                 "table {dest} on this node has no column \"{c}\" that {table} has on the provider; add it, and the copy restarts"
             )));
@@ -343,18 +348,19 @@ fn full_copy(
     Ok(())
 }
 
-fn columns<C: postgres::GenericClient>(c: &mut C, table: &str) -> Result<Vec<String>> {
+/// The columns of a table, each with whether it is generated (12+).
+fn columns<C: postgres::GenericClient>(c: &mut C, table: &str) -> Result<Vec<(String, bool)>> {
     let generated = crate::version::attgenerated_expr(crate::version::server_version_num(c)?, "a");
     let rows = c
         .query(
             &format!(
-                "SELECT attname::text FROM pg_attribute a WHERE attrelid = $1::text::regclass AND attnum > 0
-                    AND NOT attisdropped AND NOT ({generated}) ORDER BY attnum"
+                "SELECT attname::text, {generated} FROM pg_attribute a WHERE attrelid = $1::text::regclass
+                    AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
             ),
             &[&table],
         )
         .ctx(|| format!("cannot read the columns of {table}"))?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 fn catch_up(
