@@ -361,6 +361,22 @@ fn install_and_upgrade(major: u32) {
     let dir = TestDir::new();
     dir.tutorial_inis(&c.base_connstr(), &db, &conn, &conn, "");
     let d = dir.path();
+    // A role that may not create schemas is told so by the server's own
+    // words, not a guess.
+    cl.batch_execute("create role nocreate login").unwrap();
+    let weak = conn.replace("user=postgres", "user=nocreate");
+    dir.write(
+        "weak.ini",
+        &format!("[londiste3]\ndb = {weak}\nqueue_name = {db}\n"),
+    );
+    let out = run("londiste3", &["weak.ini", "create-root", "root", &weak], d);
+    let text = output_text(&out);
+    assert!(
+        !out.status.success()
+            && text.contains("cannot install the pgq schema: permission denied for database")
+            && !text.contains("does this role"),
+        "{text}"
+    );
     ok(
         "londiste3",
         &["master.ini", "create-root", "root", &conn],

@@ -52,16 +52,15 @@ fn installed_version<C: GenericClient>(c: &mut C, component: &str) -> Result<Opt
 /// ` (at <file> line N: <that line>)` for an error the server placed in the
 /// script, so an install error names the statement that failed.
 fn where_in_script(component: &str, sql: &str, e: &postgres::Error) -> String {
-    let Some(postgres::error::ErrorPosition::Original(pos)) =
-        e.as_db_error().and_then(|d| d.position())
-    else {
-        return String::new();
-    };
-    // The position counts characters from 1.
-    let before: String = sql
-        .chars()
-        .take((*pos as usize).saturating_sub(1))
-        .collect();
+    match e.as_db_error().and_then(|d| d.position()) {
+        Some(postgres::error::ErrorPosition::Original(pos)) => locate(component, sql, *pos),
+        _ => String::new(),
+    }
+}
+
+/// ` (at <file> line N: <that line>)` for character `pos` (from 1) of `sql`.
+fn locate(component: &str, sql: &str, pos: u32) -> String {
+    let before: String = sql.chars().take((pos as usize).saturating_sub(1)).collect();
     let mut line = before.matches('\n').count() + 1;
     let mut file = if component == "pgq" {
         "pgq.sql"
@@ -74,7 +73,10 @@ fn where_in_script(component: &str, sql: &str, e: &postgres::Error) -> String {
     }
     let start = before.rfind('\n').map_or(0, |i| i + 1);
     let text = sql[start..].lines().next().unwrap_or("").trim();
-    let text: String = text.chars().take(80).collect();
+    let mut text: String = text.chars().take(100).collect();
+    if text.len() < sql[start..].lines().next().unwrap_or("").trim().len() {
+        text.push_str("...");
+    }
     format!(" (at {file} line {line}: {text})")
 }
 
@@ -153,4 +155,34 @@ pub fn upgrade_if_installed(c: &mut Client) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The character position of the first `needle` in `sql`, counted from 1.
+    fn pos_of(sql: &str, needle: &str) -> u32 {
+        sql[..sql.find(needle).unwrap()].chars().count() as u32 + 1
+    }
+
+    #[test]
+    fn install_errors_point_at_file_and_line() {
+        let capture = include_str!("../sql/capture.sql");
+        let needle = "CREATE OR REPLACE FUNCTION pgq._type_uses_money";
+        let line = capture.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
+        assert_eq!(
+            locate("pgq", PGQ_SQL, pos_of(PGQ_SQL, needle) + 27),
+            format!(" (at capture.sql line {line}: {needle}(i_table regclass) RETURNS boolean)")
+        );
+        assert_eq!(
+            locate(
+                "pgq",
+                PGQ_SQL,
+                pos_of(PGQ_SQL, "CREATE SCHEMA IF NOT EXISTS pgq")
+            ),
+            " (at pgq.sql line 10: CREATE SCHEMA IF NOT EXISTS pgq;)"
+        );
+        assert!(locate("londiste", LONDISTE_SQL, 1).starts_with(" (at londiste.sql line 1: "));
+    }
 }
