@@ -618,3 +618,72 @@ fn poll_eq_target(t: &Cluster, db: &str, expected: &str, what: &str) {
         },
     );
 }
+
+/// A value of a type both servers have that the older one cannot hold (an
+/// infinite numeric, 14+, into 13) stops the batch with the target server's
+/// own error naming table, type and value; the row is never changed into
+/// another.
+#[test]
+fn infinite_numeric_into_13_stops_the_batch() {
+    let (s, t) = (Side::new(Some(14)), Side::new(Some(13)));
+    let (s, t) = (s.c(), t.c());
+    let master = unique_name("vinf_master");
+    let slave = unique_name("vinf_target");
+    let (mconn, sconn) = (s.create_db(&master), t.create_db(&slave));
+    let table = "create table n (id int primary key, v numeric)";
+    let mut m = s.client(&master);
+    m.batch_execute(&format!("{table}; insert into n values (1, 1.5)"))
+        .unwrap();
+    t.client(&slave).batch_execute(table).unwrap();
+    let dir = TestDir::new();
+    dir.tutorial_inis(&s.base_connstr(), &master, &mconn, &sconn, "");
+    let d = dir.path();
+    ok(
+        "londiste3",
+        &["master.ini", "create-root", "master", &mconn],
+        d,
+    );
+    let provider = format!("--provider={mconn}");
+    ok(
+        "londiste3",
+        &["slave.ini", "create-leaf", "target", &sconn, &provider],
+        d,
+    );
+    let _jobs = KillOnDrop(spawn(
+        "londiste-rs",
+        &["run", "ticker.ini", "master.ini", "slave.ini"],
+        d,
+    ));
+    ok("londiste3", &["master.ini", "add-table", "public.n"], d);
+    ok("londiste3", &["slave.ini", "add-table", "public.n"], d);
+    poll_until("n ok on the target", Duration::from_secs(30), || {
+        tables_ok(&dir, "slave.ini", &["public.n"])
+    });
+    m.batch_execute("insert into n values (2, 'Infinity'), (3, 3)")
+        .unwrap();
+    poll_until("the batch to fail on 13", Duration::from_secs(30), || {
+        let log =
+            std::fs::read_to_string(dir.path().join("londiste-rs.console")).unwrap_or_default();
+        let hit = log
+            .lines()
+            .find(|l| l.contains("ERROR") && l.contains("Infinity"));
+        match hit {
+            Some(l)
+                if l.contains("cannot insert into \"public\".\"n\"")
+                    && l.contains("invalid input syntax for type numeric") =>
+            {
+                Ok(true)
+            }
+            Some(l) => Err(format!("error without the table: {l}")),
+            None => Err(log.lines().rev().take(3).collect::<Vec<_>>().join("\n")),
+        }
+    });
+    // Nothing of the failed batch is applied, nothing changed into another.
+    assert_eq!(
+        t.psql(
+            &slave,
+            "select string_agg(id || '=' || v, ',' order by id) from n"
+        ),
+        "1=1.5"
+    );
+}

@@ -70,6 +70,15 @@ pub fn pg_message(e: &postgres::Error) -> String {
             s.push_str(d);
             s.push(')');
         }
+        // A COPY's context names the row and column of a bad value
+        // (`COPY t, line 3, column v: "Infinity"`).
+        if let Some(w) = db.where_()
+            && w.starts_with("COPY ")
+        {
+            s.push_str(" (");
+            s.push_str(w.lines().next().unwrap_or(w));
+            s.push(')');
+        }
         if let Some(h) = db.hint() {
             s.push_str("; hint: ");
             s.push_str(h);

@@ -515,8 +515,14 @@ impl Applier {
             }
         };
         let mut w = tx.copy_in(sql.as_str()).map_err(err)?;
-        w.write_all(&buf)
-            .map_err(|e| Error::Db(format!("{where_} cannot insert into {}: {e}", g.dest)))?;
+        // The server's error can surface here, wrapped in an io::Error.
+        w.write_all(&buf).map_err(|e| {
+            let inner = e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<postgres::Error>());
+            let msg = inner.map_or_else(|| e.to_string(), crate::error::pg_message);
+            Error::Db(format!("{where_} cannot insert into {}: {msg}", g.dest))
+        })?;
         w.finish().map_err(err)?;
         self.stats.rows += rows.len() as u64;
         self.stats.statements += 1;
