@@ -6,14 +6,16 @@
 //! cached); "system" is the shared cluster of the machine's own server.
 //!
 //! CI runs the oldest and newest majors into and out of the system server,
-//! 10 into 18, and the edge cases of `limits`; `scripts/test-versions` runs
-//! every pair through the ignored `versions::pair` test.
+//! 10 into 18, the cut-over of `cutover` and the edge cases of `limits`;
+//! `scripts/test-versions` runs every pair, replication and cut-over,
+//! through the ignored `versions::pair` test.
 //!
 //! Rows are compared across versions by reading the source's rows (exact
 //! text settings) into the target's row type on the target, so both sides
 //! are printed by one server: 10 and 11 print floats with 17 digits, 12+
 //! with the shortest exact form.
 
+mod cutover;
 mod limits;
 
 use crate::harness::{Cluster, KillOnDrop, TestDir, poll_until, run, spawn, unique_name};
@@ -332,10 +334,6 @@ fn replicate(source: Option<u32>, target: Option<u32>, kind: Kind) {
         "5",
         "round-trip rows on the target"
     );
-    // TODO(takeover): once `takeover` exists, switch the target to be the
-    // root here and check that the old root follows it (the rollback path
-    // after a cut-over to a newer major): see `cutover_hook`.
-    cutover_hook(s, &master, t, &slave);
     eprintln!(
         "versions: PostgreSQL {smaj} -> {tmaj} ({}) passed in {:.1} s",
         if kind == Kind::Branch {
@@ -346,10 +344,6 @@ fn replicate(source: Option<u32>, target: Option<u32>, kind: Kind) {
         started.elapsed().as_secs_f64()
     );
 }
-
-/// Where the cut-over commands are to be tested across versions, once they
-/// exist (another change brings `takeover`): nothing is tested here yet.
-fn cutover_hook(_s: &Cluster, _sdb: &str, _t: &Cluster, _tdb: &str) {}
 
 #[test]
 fn source_10_into_system() {
@@ -387,4 +381,5 @@ fn pair() {
     };
     let (a, b) = spec.split_once(':').expect("SOURCE:TARGET");
     replicate(major(a), major(b), Kind::Branch);
+    cutover::switchover_and_back(major(a), major(b));
 }
