@@ -306,3 +306,68 @@ fn infinite_numeric_into_13_stops_the_batch() {
         "1=1.5"
     );
 }
+
+/// A partitioned table on 10 cannot have a primary key on its parent (11+):
+/// it replicates as one table with `--key`, into the system server, where
+/// the target is a plain table with a key. (A key change that moves a row to
+/// another partition is 11+, so the one here stays in its partition.)
+#[test]
+fn partitioned_table_from_10_with_key() {
+    let (s, t) = (Side::new(Some(10)), Side::new(None));
+    let (s, t) = (s.c(), t.c());
+    let master = unique_name("vpart_master");
+    let slave = unique_name("vpart_target");
+    let (mconn, sconn) = (s.create_db(&master), t.create_db(&slave));
+    let mut m = s.client(&master);
+    m.batch_execute(
+        "create table p (id int not null, v text) partition by range (id);
+         create table p1 partition of p for values from (0) to (100);
+         create table p2 partition of p for values from (100) to (1000);
+         insert into p select i, 'v' || i from generate_series(1, 150) i;",
+    )
+    .unwrap();
+    t.client(&slave)
+        .batch_execute("create table p (id int primary key, v text)")
+        .unwrap();
+    let dir = TestDir::new();
+    dir.tutorial_inis(&s.base_connstr(), &master, &mconn, &sconn, "");
+    let d = dir.path();
+    ok(
+        "londiste3",
+        &["master.ini", "create-root", "master", &mconn],
+        d,
+    );
+    let provider = format!("--provider={mconn}");
+    ok(
+        "londiste3",
+        &["slave.ini", "create-leaf", "target", &sconn, &provider],
+        d,
+    );
+    let _jobs = KillOnDrop(spawn(
+        "londiste-rs",
+        &["run", "ticker.ini", "master.ini", "slave.ini"],
+        d,
+    ));
+    ok(
+        "londiste3",
+        &["master.ini", "add-table", "public.p", "--key=id"],
+        d,
+    );
+    ok("londiste3", &["slave.ini", "add-table", "public.p"], d);
+    poll_until("p ok on the target", Duration::from_secs(30), || {
+        tables_ok(&dir, "slave.ini", &["public.p"])
+    });
+    m.batch_execute(
+        "insert into p values (500, 'new'); update p set v = 'moved', id = id - 5 where id = 5;
+         delete from p where id between 140 and 150; insert into p values (700, 'again')",
+    )
+    .unwrap();
+    let sum = "select count(*) || '/' || sum(id) || '/' || string_agg(v, ',' order by id) from p";
+    let want = s.psql(&master, sum);
+    crate::harness::poll_eq(
+        "p on the target to equal the partitioned source",
+        Duration::from_secs(30),
+        want,
+        || Ok(t.psql(&slave, sum)),
+    );
+}

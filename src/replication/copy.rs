@@ -244,8 +244,25 @@ fn full_copy(
             "{dest}: {dropped} foreign key(s) dropped for the copy; restored when all tables are in sync"
         );
     }
+    // A partitioned table (10+) holds no rows itself: ONLY would copy none
+    // out of one and refuses to truncate one, so its partitions go along.
+    let is_partitioned = |c: &mut postgres::Transaction, t: &str| -> Result<bool> {
+        Ok(c.query_one(
+            "SELECT relkind = 'p' FROM pg_class WHERE oid = $1::text::regclass",
+            &[&t],
+        )
+        .ctx(|| format!("cannot look up {t}"))?
+        .get(0))
+    };
+    let partitioned = is_partitioned(&mut ltx, dest)?;
+    let src_only = if is_partitioned(&mut stx, &src_table)? {
+        ""
+    } else {
+        "ONLY "
+    };
     if !skip_truncate {
-        ltx.batch_execute(&format!("TRUNCATE ONLY {dest} CASCADE"))
+        let only = if partitioned { "" } else { "ONLY " };
+        ltx.batch_execute(&format!("TRUNCATE {only}{dest} CASCADE"))
             .ctx(|| format!("cannot truncate {dest}"))?;
     }
     let collist: Vec<String> = common.iter().map(|c| ident(c)).collect();
@@ -256,18 +273,11 @@ fn full_copy(
     {
         let mut reader = stx
             .copy_out(&format!(
-                "COPY (SELECT {collist} FROM ONLY {src_table}) TO STDOUT"
+                "COPY (SELECT {collist} FROM {src_only}{src_table}) TO STDOUT"
             ))
             .ctx(|| format!("cannot COPY {table} out of the source"))?;
         // Rows of a table truncated in this transaction can be written frozen:
         // no hint-bit writes or freezing vacuum later. Not for partitioned tables.
-        let partitioned: bool = ltx
-            .query_one(
-                "SELECT relkind = 'p' FROM pg_class WHERE oid = $1::text::regclass",
-                &[&dest],
-            )
-            .ctx(|| format!("cannot look up {dest}"))?
-            .get(0);
         let freeze = if skip_truncate || partitioned {
             ""
         } else {
