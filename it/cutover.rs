@@ -834,9 +834,9 @@ fn takeover_of_a_dead_then_a_live_branch() {
     // b comes back; it takes its place again, live.
     r.londiste(&["d.ini", "tag-alive", "b"]);
     r.start_worker("b");
-    r.londiste(&["b.ini", "takeover", "d", "--all"]);
-    assert_eq!(provider(&r, "c"), "b");
-    assert_eq!(provider(&r, "d"), "b");
+    let out = r.londiste(&["b.ini", "takeover", "d", "--all"]);
+    assert_eq!(provider(&r, "c"), "b", "{out}");
+    assert_eq!(provider(&r, "d"), "b", "{out}");
     w.wait_commits(50);
     let rep = w.stop();
     assert!(rep.errors.is_empty(), "{:?}", rep.errors);

@@ -325,8 +325,12 @@ impl Worker {
         }
         self.manage_copies(&node)?;
         let worker = node.worker_name.clone();
-        let max = self.cfg.batch_max_events;
-        let batch = match next_batch(self.provider(&node)?, &queue, &worker, Some(max))? {
+        // A branch takes one tick per batch: it re-creates each tick of its
+        // provider, so that every node carrying the queue has every tick and
+        // a subscriber can move to any of them at its own (change-provider,
+        // takeover). A leaf may merge ticks when behind.
+        let max = (!node.is_branch()).then_some(self.cfg.batch_max_events);
+        let batch = match next_batch(self.provider(&node)?, &queue, &worker, max)? {
             Some(b) => b,
             None => return Ok(false),
         };
