@@ -535,3 +535,48 @@ fn worker_flags_and_config_keys() {
     ok("londiste3", &["-k", "leaf.ini"], d);
     crate::tutorial::wait_pidfile_gone(&d.join("leaf.pid"));
 }
+
+/// Skytools options that londiste-rs does not implement are refused with a
+/// line that says so, before anything is done; never accepted and ignored.
+#[test]
+fn unimplemented_skytools_options_are_refused() {
+    let r = Repl::new(
+        "unimpl",
+        "create table t (id int primary key);",
+        "create table t (id int primary key);",
+        "",
+    );
+    r.nodes();
+    for (args, needle) in [
+        (
+            vec!["slave.ini", "add-table", "public.t", "--merge-all"],
+            "--merge-all: merged tables",
+        ),
+        (
+            vec!["slave.ini", "add-table", "public.t", "--no-merge"],
+            "--no-merge: merged tables",
+        ),
+        (
+            vec!["slave.ini", "status", "--compact"],
+            "--compact: status has one format",
+        ),
+    ] {
+        let out = run("londiste3", &args, r.d());
+        let text = output_text(&out);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {text}");
+        assert!(text.contains(needle), "{args:?}: {text}");
+    }
+    let mut s = Cluster::shared().client(&r.slave);
+    let n: i64 = s
+        .query_one("select count(*) from londiste.table_info", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "a refused add-table added the table");
+    // --find-copy-node is what add-table does anyway.
+    ok("londiste3", &["master.ini", "add-table", "public.t"], r.d());
+    ok(
+        "londiste3",
+        &["slave.ini", "add-table", "public.t", "--find-copy-node"],
+        r.d(),
+    );
+}

@@ -416,9 +416,22 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
                 }
                 o.keys = Some(keys);
             }
-            // Accepted for compatibility with Skytools command lines; the copy
-            // source is always found automatically.
-            "--find-copy-node" | "--merge-all" | "--no-merge" | "--compact" | "--nocheck" => {}
+            // Skytools' --find-copy-node is what add-table always does (the
+            // copy source is found automatically); --nocheck skips a check of
+            // the public connect string that londiste-rs does not make.
+            "--find-copy-node" | "--nocheck" => {}
+            // Accepted and ignored would be a lie: refused until they exist.
+            "--merge-all" | "--no-merge" => {
+                return Err(Error::Usage(format!(
+                    "{f}: merged tables (several queues into one table) are not supported yet; \
+                     add the table from one queue, or use --dest-table per source"
+                )));
+            }
+            "--compact" => {
+                return Err(Error::Usage(
+                    "--compact: status has one format; run status without it".into(),
+                ));
+            }
             _ => rest.push((f, v)),
         }
     }
