@@ -92,7 +92,12 @@ impl Rig {
     /// master (root) and slave (branch) in sync, with the ticker and both
     /// workers running.
     pub fn root_and_branch() -> Rig {
-        let mut r = Rig::new(&["master", "slave"]);
+        Rig::root_and_branch_on(&[])
+    }
+
+    /// `root_and_branch` with the nodes in the given clusters (see `new_on`).
+    pub fn root_and_branch_on(clusters: &[&Cluster]) -> Rig {
+        let mut r = Rig::new_on(clusters, &["master", "slave"]);
         r.create_root("master");
         r.create_sub("branch", "slave", "master");
         r.start_ticker();
@@ -201,14 +206,64 @@ impl Rig {
         }
     }
 
-    pub fn node_type(&self, name: &str) -> String {
-        self.client(name)
+    /// An order inserted on `from` shows up on `to`.
+    pub fn write_reaches(&self, from: &str, to: &str) {
+        let id: i32 = self
+            .client(from)
             .query_one(
-                "select node_type from londiste.node_info where queue_name = $1",
-                &[&Q],
+                "insert into orders (note) values ('marker') returning id",
+                &[],
             )
             .unwrap()
-            .get(0)
+            .get(0);
+        let mut c = self.client(to);
+        poll_until(
+            &format!("a write on {from} to reach {to}"),
+            Duration::from_secs(30),
+            || {
+                let n: i64 = c
+                    .query_one("select count(*) from orders where id = $1", &[&id])
+                    .map_err(|e| e.to_string())?
+                    .get(0);
+                if n == 1 {
+                    Ok(true)
+                } else {
+                    Err("not there".into())
+                }
+            },
+        );
+    }
+
+    /// A column of a node's node_info row, as text (a new connection each
+    /// time: callers poll across server restarts).
+    pub fn node_col(&self, name: &str, col: &str) -> Result<Option<String>, String> {
+        let sql = format!("select {col}::text from londiste.node_info where queue_name = $1");
+        Client::connect(&self.conn(name), NoTls)
+            .and_then(|mut c| c.query_one(&sql, &[&Q]))
+            .map(|r| r.get(0))
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn node_type(&self, name: &str) -> String {
+        self.node_col(name, "node_type").unwrap().unwrap()
+    }
+
+    pub fn provider(&self, name: &str) -> String {
+        self.node_col(name, "provider_node")
+            .unwrap()
+            .unwrap_or_default()
+    }
+
+    /// Waits until root `name` is fenced in favour of `to`.
+    pub fn wait_fenced(&self, name: &str, to: &str) {
+        poll_until(
+            &format!("{name} to be fenced for {to}"),
+            Duration::from_secs(30),
+            || match self.node_col(name, "fenced_to")? {
+                Some(f) if f == to => Ok(true),
+                f => Err(format!("{f:?}")),
+            },
+        );
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -388,30 +443,7 @@ fn switchover_of_a_branch_and_back_under_writes() {
     let msg = err.as_db_error().unwrap().message().to_string();
     assert!(msg.contains("moved to node \"slave\""), "{msg}");
     // The rollback path: the old root follows the new one.
-    let id: i32 = r
-        .client("slave")
-        .query_one(
-            "insert into orders (note) values ('marker') returning id",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    let mut m = r.client("master");
-    poll_until(
-        "a write on the new root to reach the old root",
-        Duration::from_secs(30),
-        || {
-            let n: i64 = m
-                .query_one("select count(*) from orders where id = $1", &[&id])
-                .map_err(|e| e.to_string())?
-                .get(0);
-            if n == 1 {
-                Ok(true)
-            } else {
-                Err("not there".into())
-            }
-        },
-    );
+    r.write_reaches("slave", "master");
     let status = r.londiste(&["master.ini", "status"]);
     assert!(
         status.contains("\nslave (root)") && status.contains("master (branch)"),
@@ -559,15 +591,11 @@ fn failover_with_the_root_killed_then_resurrect() {
             .any(|l| l.contains("master") && l.contains("true")),
         "master not tagged dead:\n{members}"
     );
-    let prov: String = r
-        .client("leaf")
-        .query_one(
-            "select provider_node from londiste.node_info where queue_name = $1",
-            &[&Q],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(prov, "slave", "the leaf did not move to the new root");
+    assert_eq!(
+        r.provider("leaf"),
+        "slave",
+        "the leaf did not move to the new root"
+    );
     let w = Writer::start(vec![r.conn("slave")], Duration::from_millis(2));
     w.wait_commits(100);
     let after = w.stop();
@@ -582,26 +610,7 @@ fn failover_with_the_root_killed_then_resurrect() {
     // The old root comes back; its worker (running all along) sees that a
     // member took over and fences it: no second writable root.
     a.start_again();
-    poll_until(
-        "the returned old root to fence itself",
-        Duration::from_secs(30),
-        || {
-            let f: Option<String> = Client::connect(&r.conn("master"), NoTls)
-                .and_then(|mut c| {
-                    c.query_one(
-                        "select fenced_to from londiste.node_info where queue_name = $1",
-                        &[&Q],
-                    )
-                })
-                .map_err(|e| e.to_string())?
-                .get(0);
-            if f.as_deref() == Some("slave") {
-                Ok(true)
-            } else {
-                Err(format!("{f:?}"))
-            }
-        },
-    );
+    r.wait_fenced("master", "slave");
     let err = r
         .client("master")
         .execute("insert into items values ('split brain', 1)", &[])
@@ -718,15 +727,7 @@ fn change_provider_in_a_chain_then_drop_node() {
     assert!(rep.errors.is_empty(), "{:?}", rep.errors);
     r.wait_equal("a", "c");
     assert_has_ids(&mut r.client("c"), &rep.committed, "c");
-    let prov: String = r
-        .client("c")
-        .query_one(
-            "select provider_node from londiste.node_info where queue_name = $1",
-            &[&Q],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(prov, "a");
+    assert_eq!(r.provider("c"), "a");
 }
 
 /// The takeover is killed (SIGKILL) after the fence, before the promotion:
@@ -743,20 +744,7 @@ fn takeover_rerun_after_sigkill_in_the_middle() {
     r.kill_worker("slave");
     r.start_bg("takeover", &["slave.ini", "takeover", "master"]);
     let mut m = r.client("master");
-    poll_until("the old root to be fenced", Duration::from_secs(30), || {
-        let f: Option<String> = m
-            .query_one(
-                "select fenced_to from londiste.node_info where queue_name = $1",
-                &[&Q],
-            )
-            .map_err(|e| e.to_string())?
-            .get(0);
-        if f.as_deref() == Some("slave") {
-            Ok(true)
-        } else {
-            Err(format!("{f:?}"))
-        }
-    });
+    r.wait_fenced("master", "slave");
     r.kill_worker("takeover");
     // Neither node takes writes now.
     assert!(m.execute("insert into items values ('m', 1)", &[]).is_err());
@@ -788,7 +776,6 @@ fn takeover_rerun_after_sigkill_in_the_middle() {
     r.wait_equal("slave", "master");
     assert_has_ids(&mut r.client("master"), &rep.committed, "master");
     assert_has_ids(&mut r.client("slave"), &rep.committed, "slave");
-    let _ = r.log("slave");
 }
 
 /// A branch goes away: another branch takes over its subscriber
@@ -813,16 +800,7 @@ fn takeover_of_a_dead_then_a_live_branch() {
     r.kill_worker("b");
     let out = r.londiste(&["d.ini", "takeover", "b", "--dead-branch"]);
     assert!(out.contains("d takes b's place"), "{out}");
-    let provider = |r: &Rig, n: &str| -> String {
-        r.client(n)
-            .query_one(
-                "select provider_node from londiste.node_info where queue_name = $1",
-                &[&Q],
-            )
-            .unwrap()
-            .get(0)
-    };
-    assert_eq!(provider(&r, "c"), "d");
+    assert_eq!(r.provider("c"), "d");
     let members = r.londiste(&["d.ini", "members"]);
     assert!(
         members
@@ -835,8 +813,8 @@ fn takeover_of_a_dead_then_a_live_branch() {
     r.londiste(&["d.ini", "tag-alive", "b"]);
     r.start_worker("b");
     let out = r.londiste(&["b.ini", "takeover", "d", "--all"]);
-    assert_eq!(provider(&r, "c"), "b", "{out}");
-    assert_eq!(provider(&r, "d"), "b", "{out}");
+    assert_eq!(r.provider("c"), "b", "{out}");
+    assert_eq!(r.provider("d"), "b", "{out}");
     w.wait_commits(50);
     let rep = w.stop();
     assert!(rep.errors.is_empty(), "{:?}", rep.errors);

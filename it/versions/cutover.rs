@@ -7,25 +7,14 @@
 
 use super::Side;
 use crate::cutover::{Rig, Writer, assert_has_ids};
-use crate::harness::poll_until;
 use std::time::Duration;
 
 /// Root on `old`, branch on `new` (None: the system server), switched over
 /// and back under writes.
 pub fn switchover_and_back(old: Option<u32>, new: Option<u32>) {
     let (a, b) = (Side::new(old), Side::new(new));
-    let (majors, mut r) = (
-        (a.c().major(), b.c().major()),
-        Rig::new_on(&[a.c(), b.c()], &["master", "slave"]),
-    );
-    r.create_root("master");
-    r.create_sub("branch", "slave", "master");
-    r.start_ticker();
-    r.start_worker("master");
-    r.start_worker("slave");
-    r.add_all("master");
-    r.add_all("slave");
-    r.wait_synced("slave", 2);
+    let majors = (a.c().major(), b.c().major());
+    let r = Rig::root_and_branch_on(&[a.c(), b.c()]);
 
     let w = Writer::start(
         vec![r.conn("master"), r.conn("slave")],
@@ -37,33 +26,7 @@ pub fn switchover_and_back(old: Option<u32>, new: Option<u32>) {
     assert_eq!(r.node_type("master"), "branch", "{majors:?}");
     w.wait_commits(100);
     // The old root, on the other major, follows the new one.
-    let id: i32 = r
-        .client("slave")
-        .query_one(
-            "insert into orders (note) values ('marker') returning id",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    let mut m = r.client("master");
-    poll_until(
-        &format!(
-            "a write on the new root ({}) to reach the old ({})",
-            majors.1, majors.0
-        ),
-        Duration::from_secs(30),
-        || {
-            let n: i64 = m
-                .query_one("select count(*) from orders where id = $1", &[&id])
-                .map_err(|e| e.to_string())?
-                .get(0);
-            if n == 1 {
-                Ok(true)
-            } else {
-                Err("not there".into())
-            }
-        },
-    );
+    r.write_reaches("slave", "master");
     // And back.
     r.londiste(&["master.ini", "takeover", "slave"]);
     assert_eq!(r.node_type("master"), "root", "{majors:?}");

@@ -108,20 +108,8 @@ fn multirange_into_13_is_refused() {
     t.client(&slave)
         .batch_execute("create table mr (id int primary key, r text)")
         .unwrap();
-    let dir = TestDir::new();
-    dir.tutorial_inis(&s.base_connstr(), &master, &mconn, &sconn, "");
+    let dir = root_and_leaf(s, &master, &mconn, &sconn);
     let d = dir.path();
-    ok(
-        "londiste3",
-        &["master.ini", "create-root", "master", &mconn],
-        d,
-    );
-    let provider = format!("--provider={mconn}");
-    ok(
-        "londiste3",
-        &["slave.ini", "create-leaf", "target", &sconn, &provider],
-        d,
-    );
     ok("londiste3", &["master.ini", "add-table", "public.mr"], d);
     // Refused at add-table already (the copy checks again, in case the
     // provider's table changes in between).
@@ -180,25 +168,9 @@ fn generated_columns_across_12() {
         ))
         .unwrap();
         t.client(&slave).batch_execute(t_sql).unwrap();
-        let dir = TestDir::new();
-        dir.tutorial_inis(&s.base_connstr(), &master, &mconn, &sconn, "");
+        let dir = root_and_leaf(s, &master, &mconn, &sconn);
         let d = dir.path();
-        ok(
-            "londiste3",
-            &["master.ini", "create-root", "master", &mconn],
-            d,
-        );
-        let provider = format!("--provider={mconn}");
-        ok(
-            "londiste3",
-            &["slave.ini", "create-leaf", "target", &sconn, &provider],
-            d,
-        );
-        let _jobs = KillOnDrop(spawn(
-            "londiste-rs",
-            &["run", "ticker.ini", "master.ini", "slave.ini"],
-            d,
-        ));
+        let _jobs = run_jobs(d);
         ok("londiste3", &["master.ini", "add-table", "public.g"], d);
         ok("londiste3", &["slave.ini", "add-table", "public.g"], d);
         poll_until("g ok on the target", Duration::from_secs(30), || {
@@ -254,25 +226,9 @@ fn infinite_numeric_into_13_stops_the_batch() {
     m.batch_execute(&format!("{table}; insert into n values (1, 1.5)"))
         .unwrap();
     t.client(&slave).batch_execute(table).unwrap();
-    let dir = TestDir::new();
-    dir.tutorial_inis(&s.base_connstr(), &master, &mconn, &sconn, "");
+    let dir = root_and_leaf(s, &master, &mconn, &sconn);
     let d = dir.path();
-    ok(
-        "londiste3",
-        &["master.ini", "create-root", "master", &mconn],
-        d,
-    );
-    let provider = format!("--provider={mconn}");
-    ok(
-        "londiste3",
-        &["slave.ini", "create-leaf", "target", &sconn, &provider],
-        d,
-    );
-    let _jobs = KillOnDrop(spawn(
-        "londiste-rs",
-        &["run", "ticker.ini", "master.ini", "slave.ini"],
-        d,
-    ));
+    let _jobs = run_jobs(d);
     ok("londiste3", &["master.ini", "add-table", "public.n"], d);
     ok("londiste3", &["slave.ini", "add-table", "public.n"], d);
     poll_until("n ok on the target", Duration::from_secs(30), || {
@@ -329,25 +285,9 @@ fn partitioned_table_from_10_with_key() {
     t.client(&slave)
         .batch_execute("create table p (id int primary key, v text)")
         .unwrap();
-    let dir = TestDir::new();
-    dir.tutorial_inis(&s.base_connstr(), &master, &mconn, &sconn, "");
+    let dir = root_and_leaf(s, &master, &mconn, &sconn);
     let d = dir.path();
-    ok(
-        "londiste3",
-        &["master.ini", "create-root", "master", &mconn],
-        d,
-    );
-    let provider = format!("--provider={mconn}");
-    ok(
-        "londiste3",
-        &["slave.ini", "create-leaf", "target", &sconn, &provider],
-        d,
-    );
-    let _jobs = KillOnDrop(spawn(
-        "londiste-rs",
-        &["run", "ticker.ini", "master.ini", "slave.ini"],
-        d,
-    ));
+    let _jobs = run_jobs(d);
     ok(
         "londiste3",
         &["master.ini", "add-table", "public.p", "--key=id"],
@@ -370,4 +310,33 @@ fn partitioned_table_from_10_with_key() {
         want,
         || Ok(t.psql(&slave, sum)),
     );
+}
+
+/// A root `master` in `mconn` (cluster `s`) and a leaf `target` in `sconn`,
+/// with the tutorial's ini files.
+fn root_and_leaf(s: &Cluster, master: &str, mconn: &str, sconn: &str) -> TestDir {
+    let dir = TestDir::new();
+    dir.tutorial_inis(&s.base_connstr(), master, mconn, sconn, "");
+    let d = dir.path();
+    ok(
+        "londiste3",
+        &["master.ini", "create-root", "master", mconn],
+        d,
+    );
+    let provider = format!("--provider={mconn}");
+    ok(
+        "londiste3",
+        &["slave.ini", "create-leaf", "target", sconn, &provider],
+        d,
+    );
+    dir
+}
+
+/// The ticker and both workers in one process, killed on drop.
+fn run_jobs(d: &std::path::Path) -> KillOnDrop {
+    KillOnDrop(spawn(
+        "londiste-rs",
+        &["run", "ticker.ini", "master.ini", "slave.ini"],
+        d,
+    ))
 }

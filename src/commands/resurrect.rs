@@ -200,7 +200,6 @@ pub fn resurrect(cfg: &WorkerConfig, opts: &Opts) -> Result<()> {
             ""
         }
     );
-    let _ = last;
     Ok(())
 }
 

@@ -18,7 +18,6 @@
 use super::cascade::{Member, members, move_subscriber, tag};
 use super::{Opts, connect_local, remote};
 use crate::config::WorkerConfig;
-use crate::db;
 use crate::error::{Context, Error, Result};
 use crate::replication::node::{self, NodeInfo};
 use postgres::Client;
@@ -85,20 +84,19 @@ pub fn takeover(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> 
         return super::branch::takeover_branch(cfg, opts, me_c, me, &old_m, Some((old_c, old)));
     }
     if opts.abort {
-        return abort(&mut me_c, &me, &mut old_c, &old);
+        return abort(&me, &mut old_c, &old);
     }
     switchover(cfg, opts, me_c, me, old_c, old)
 }
 
 /// Undo a fence that no promotion followed: the old root takes writes again.
-fn abort(me_c: &mut Client, me: &NodeInfo, old_c: &mut Client, old: &NodeInfo) -> Result<()> {
+fn abort(me: &NodeInfo, old_c: &mut Client, old: &NodeInfo) -> Result<()> {
     if me.is_root() {
         return Err(Error::Other(format!(
             "node {} is already the root: the takeover passed the point of no return; run takeover {} again to finish it",
             me.node_name, old.node_name
         )));
     }
-    let _ = me_c;
     let n: i32 = old_c
         .query_one("SELECT londiste.unfence_root($1)", &[&old.queue_name])
         .ctx(|| format!("cannot lift the fence on {}", old.node_name))?
@@ -589,7 +587,6 @@ fn failover(
     for b in &behind {
         println!("not moved: {b}");
     }
-    let _ = db::describe;
     log::info!("Done");
     Ok(())
 }
