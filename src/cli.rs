@@ -255,7 +255,7 @@ Node commands:
   pause  resume                                 stop/restart applying on this node
   wait-sync  wait-provider  wait-root           wait for copies or catch-up
 Cut-over and cascade commands:
-  takeover OLDNODE [--all] [--force] [--max-lag=S] [--seq-margin=N] [--abort]
+  takeover OLDNODE [--all] [--force] [--max-lag=S] [--seq-margin=N] [--wait-timeout=S] [--wait-go] [--abort]
                                                 make this node the root (switchover; old root follows it)
   takeover OLDNODE --dead-root                  failover: the old root is gone
   change-provider --provider=NODE               read from another node
