@@ -4,7 +4,7 @@
 //! `NAME: error` and exits with the error's code.
 
 use crate::commands::status;
-use crate::commands::{Opts, cascade, compare, nodes, repair, resurrect, seqs, tables, takeover};
+use crate::commands::{Opts, cascade, compare, execute, nodes, repair, resurrect, seqs, tables, takeover};
 use crate::config::{self, TickerConfig, WorkerConfig};
 use crate::error::{Error, Result};
 use crate::process::daemon;
@@ -355,6 +355,7 @@ fn run_londiste(args: &[String]) -> Result<()> {
         "tag-dead" => cascade::tag_nodes(&cfg, &args, true),
         "tag-alive" => cascade::tag_nodes(&cfg, &args, false),
         "resurrect" => resurrect::resurrect(&cfg, &opts),
+        "execute" => execute::execute(&cfg, &args),
         "compare" => compare::compare(&cfg, &args, &opts),
         "repair" => repair::repair(&cfg, &args, &opts, opts.apply),
         "install" => {

@@ -8,6 +8,7 @@
 pub mod branch;
 pub mod cascade;
 pub mod compare;
+pub mod execute;
 pub mod nodes;
 mod ready;
 pub mod repair;

@@ -15,13 +15,31 @@ const PGQ_SQL: &str = concat!(
 const LONDISTE_SQL: &str = concat!(
     include_str!("../sql/londiste.sql"),
     "\n",
-    include_str!("../sql/cascade.sql")
+    include_str!("../sql/cascade.sql"),
+    "\n",
+    include_str!("../sql/execute.sql")
 );
+
+/// The files each component's script is made of, in order, for error positions.
+fn script_files(component: &str) -> Vec<(&'static str, &'static str)> {
+    if component == "pgq" {
+        vec![
+            ("pgq.sql", include_str!("../sql/pgq.sql")),
+            ("capture.sql", include_str!("../sql/capture.sql")),
+        ]
+    } else {
+        vec![
+            ("londiste.sql", include_str!("../sql/londiste.sql")),
+            ("cascade.sql", include_str!("../sql/cascade.sql")),
+            ("execute.sql", include_str!("../sql/execute.sql")),
+        ]
+    }
+}
 
 /// Bump when a script changes; an older installed version is upgraded by
 /// re-running the (idempotent) script.
 pub const PGQ_VERSION: i32 = 6;
-pub const LONDISTE_VERSION: i32 = 6;
+pub const LONDISTE_VERSION: i32 = 7;
 
 const LOCK_KEY: i64 = 0x6c6f_6e64_6973; // "londis"
 
@@ -62,14 +80,15 @@ fn where_in_script(component: &str, sql: &str, e: &postgres::Error) -> String {
 fn locate(component: &str, sql: &str, pos: u32) -> String {
     let before: String = sql.chars().take((pos as usize).saturating_sub(1)).collect();
     let mut line = before.matches('\n').count() + 1;
-    let mut file = if component == "pgq" {
-        "pgq.sql"
-    } else {
-        "londiste.sql"
-    };
-    let pgq_lines = include_str!("../sql/pgq.sql").lines().count() + 1;
-    if component == "pgq" && line > pgq_lines {
-        (file, line) = ("capture.sql", line - pgq_lines);
+    let mut file = "";
+    for (name, text) in script_files(component) {
+        file = name;
+        // Each file is followed by the "\n" that joins it to the next.
+        let n = text.lines().count() + 1;
+        if line <= n {
+            break;
+        }
+        line -= n;
     }
     let start = before.rfind('\n').map_or(0, |i| i + 1);
     let text = sql[start..].lines().next().unwrap_or("").trim();
@@ -184,5 +203,15 @@ mod tests {
             " (at pgq.sql line 10: CREATE SCHEMA IF NOT EXISTS pgq;)"
         );
         assert!(locate("londiste", LONDISTE_SQL, 1).starts_with(" (at londiste.sql line 1: "));
+        let needle = "CREATE OR REPLACE FUNCTION londiste.execute_finish";
+        let line = include_str!("../sql/execute.sql")
+            .lines()
+            .position(|l| l.starts_with(needle))
+            .unwrap()
+            + 1;
+        assert!(
+            locate("londiste", LONDISTE_SQL, pos_of(LONDISTE_SQL, needle))
+                .starts_with(&format!(" (at execute.sql line {line}: "))
+        );
     }
 }

@@ -136,6 +136,10 @@ impl Applier {
                     self.flush(tx, &mut order, &mut buckets)?;
                     last_table = None;
                     special(tx, ev)?;
+                    if ev.ev_type == "EXECUTE" {
+                        // The file may have changed any table's shape.
+                        self.reset();
+                    }
                     continue;
                 }
             };

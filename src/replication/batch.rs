@@ -288,6 +288,8 @@ pub(super) fn handle_special(
             .ctx(|| "cannot update seq_info".into())?;
             done.push(seq.to_string());
         }
+    } else if ev.ev_type == "EXECUTE" {
+        super::execute::apply_event(tx, queue, ev)?;
     } else if ev.ev_type == "londiste.member" {
         // A node joined or moved (create-branch/leaf, takeover): every node
         // keeps the full member list, which failover and takeover --all need.

@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod batch;
 pub mod copy;
+pub mod execute;
 pub mod node;
 pub mod record;
 pub mod root;
