@@ -16,6 +16,7 @@ mod connect;
 mod crash;
 mod cutover;
 mod daemon;
+mod execute;
 mod options;
 mod pgq;
 mod random;

@@ -4,7 +4,9 @@
 //! `NAME: error` and exits with the error's code.
 
 use crate::commands::status;
-use crate::commands::{Opts, cascade, compare, execute, nodes, repair, resurrect, seqs, tables, takeover};
+use crate::commands::{
+    Opts, cascade, compare, execute, nodes, repair, resurrect, seqs, tables, takeover,
+};
 use crate::config::{self, TickerConfig, WorkerConfig};
 use crate::error::{Error, Result};
 use crate::process::daemon;

@@ -36,8 +36,8 @@ fn read_files(paths: &[String]) -> Result<Vec<File>> {
     }
     let mut out = Vec::new();
     for p in paths {
-        let sql = std::fs::read_to_string(p)
-            .map_err(|e| Error::Io(format!("cannot read {p}: {e}")))?;
+        let sql =
+            std::fs::read_to_string(p).map_err(|e| Error::Io(format!("cannot read {p}: {e}")))?;
         let name = Path::new(p)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -214,10 +214,12 @@ fn run_one(c: &mut Client, queue: &str, f: &File) -> Result<()> {
         &[&queue, &f.name],
     )
     .ctx(|| format!("cannot queue the EXECUTE event of {}", f.path))?;
-    tx.commit()
-        .ctx(|| format!("cannot commit {}", f.path))?;
+    tx.commit().ctx(|| format!("cannot commit {}", f.path))?;
     match ran {
-        Some(n) => log::info!("{}: {n} statement(s) run on the root, queued for every node", f.name),
+        Some(n) => log::info!(
+            "{}: {n} statement(s) run on the root, queued for every node",
+            f.name
+        ),
         None => log::info!(
             "{}: its --*-- header matches nothing on the root; not run here, queued for the other nodes",
             f.name

@@ -286,8 +286,9 @@ impl Applier {
                 }
                 None => {
                     return Err(Error::Other(format!(
-                        "{} table {} on this node has no column \"{}\" that the provider sends; add it \
-                         (ALTER TABLE {} ADD COLUMN ...) and the worker continues from this batch",
+                        "{} table {} on this node has no column \"{}\" that the provider sends (a schema change \
+                         made outside execute?); add it here (ALTER TABLE {} ADD COLUMN ...) and the worker \
+                         continues from this batch; make schema changes with `execute` on the root",
                         where_(),
                         g.dest,
                         name,

@@ -184,7 +184,8 @@ pub fn split_statements(sql: &str) -> Vec<Statement> {
     while i < c.len() {
         let ch = c[i];
         let next = c.get(i + 1).copied();
-        if !substantive && !ch.is_whitespace() && !(ch == '-' && next == Some('-')) && ch != '/' {
+        let comment = (ch == '-' && next == Some('-')) || (ch == '/' && next == Some('*'));
+        if !(substantive || comment || ch.is_whitespace()) {
             substantive = true;
             start_line = line;
             start = i;
@@ -216,11 +217,6 @@ pub fn split_statements(sql: &str) -> Vec<Statement> {
                     i += 1;
                 }
                 continue;
-            }
-            '/' if !substantive => {
-                substantive = true;
-                start_line = line;
-                start = i;
             }
             '\'' | '"' => {
                 let escapes = ch == '\''
@@ -487,7 +483,11 @@ pub fn localize(sql: &str, a: &Attrs, local: &Local) -> Result<String> {
 /// file runs here unless it ran already or its header says it is not for this
 /// node. A failure rolls the batch back; the worker retries it with backoff,
 /// so once the cause is removed the node goes on by itself.
-pub fn apply_event<C: GenericClient>(c: &mut C, queue: &str, ev: &super::apply::Event) -> Result<()> {
+pub fn apply_event<C: GenericClient>(
+    c: &mut C,
+    queue: &str,
+    ev: &super::apply::Event,
+) -> Result<()> {
     let file = ev.extra1.as_deref().unwrap_or("");
     let sql = ev.data.as_deref().unwrap_or("");
     let fail = |e: Error| -> Error {

@@ -7,7 +7,10 @@ fn header_attributes_as_the_reference_reads_them() {
     assert_eq!(a.get("Local-Table"), ["foo", "bar", "zoo"]);
     assert_eq!(a.get("local-sequence"), ["goo"]);
     assert!(a.get("Need-Table").is_empty());
-    assert_eq!(a.to_urlenc(), "local-table=foo%2Cbar%2Czoo&local-sequence=goo");
+    assert_eq!(
+        a.to_urlenc(),
+        "local-table=foo%2Cbar%2Czoo&local-sequence=goo"
+    );
     assert_eq!(Attrs::parse_urlenc(&a.to_urlenc()).unwrap(), a);
     let e = Attrs::parse_sql("--*-- Local-Tabel: x\nselect 1;").unwrap_err();
     assert!(e.to_string().contains("Local-Tabel"), "{e}");
@@ -72,7 +75,11 @@ fn statements_that_cannot_run_in_the_transaction_are_refused() {
         let e = check_statement("ddl.sql", &s).unwrap_err().to_string();
         assert!(e.starts_with("ddl.sql line 3: "), "{e}");
     }
-    for ok in ["alter table t add column c int", "start_job()", "create index i on t (a)"] {
+    for ok in [
+        "alter table t add column c int",
+        "start_job()",
+        "create index i on t (a)",
+    ] {
         let s = Statement {
             line: 1,
             text: ok.into(),
