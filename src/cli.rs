@@ -269,6 +269,8 @@ Table and sequence commands:
   remove-table TABLE... | --all      resync TABLE... | --all
   add-seq SEQ... | --all [--create]  remove-seq SEQ...
   tables [--names-only]  seqs  missing
+Schema changes:
+  execute FILE...                               (on the root) run SQL files here and on every node, in queue order
 Checks:
   compare [TABLE...] [--count-only]             row count and checksum, provider vs this node
   repair [TABLE...] [--apply]                   print (and with --apply run) the SQL that fixes this node
