@@ -18,6 +18,8 @@ use crate::replication::record::{
 use postgres::{Statement, Transaction};
 use std::collections::HashMap;
 
+mod stream;
+
 /// One event as read from the provider's queue.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -304,6 +306,15 @@ impl Applier {
                 g.dest
             )));
         }
+        if g.events.len() == 1
+            && g.kind != Kind::Delete
+            && first
+                .data
+                .as_ref()
+                .is_some_and(|d| d.len() >= stream::STREAM_BYTES)
+        {
+            return self.stream_rows(tx, g, &meta, &used, &key_cols, src_cols.len(), &where_());
+        }
         // Rows of the group, one array per used column. Updates of the same key
         // collapse to the last one: one upsert may not touch a row twice.
         let mut rows: Vec<Vec<Option<String>>> = Vec::with_capacity(g.events.len());
@@ -398,21 +409,7 @@ impl Applier {
                     aliases.join(", ")
                 );
                 if g.kind == Kind::Upsert {
-                    let keys: Vec<String> = key_cols.iter().map(|k| ident(k)).collect();
-                    let sets: Vec<String> = used
-                        .iter()
-                        .filter(|(_, c)| !key_cols.contains(&c.name))
-                        .map(|(_, c)| format!("{0} = EXCLUDED.{0}", ident(&c.name)))
-                        .collect();
-                    if sets.is_empty() {
-                        sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", keys.join(", ")));
-                    } else {
-                        sql.push_str(&format!(
-                            " ON CONFLICT ({}) DO UPDATE SET {}",
-                            keys.join(", "),
-                            sets.join(", ")
-                        ));
-                    }
+                    sql.push_str(&upsert_clause(&key_cols, &used));
                 }
                 sql
             }
@@ -532,6 +529,26 @@ impl Applier {
         self.stats.rows += rows.len() as u64;
         self.stats.statements += 1;
         Ok(())
+    }
+}
+
+/// ` ON CONFLICT (keys) DO UPDATE SET ...` turning an INSERT into the upsert
+/// of an update event.
+fn upsert_clause(key_cols: &[String], used: &[(usize, &Column)]) -> String {
+    let keys: Vec<String> = key_cols.iter().map(|k| ident(k)).collect();
+    let sets: Vec<String> = used
+        .iter()
+        .filter(|(_, c)| !key_cols.contains(&c.name))
+        .map(|(_, c)| format!("{0} = EXCLUDED.{0}", ident(&c.name)))
+        .collect();
+    if sets.is_empty() {
+        format!(" ON CONFLICT ({}) DO NOTHING", keys.join(", "))
+    } else {
+        format!(
+            " ON CONFLICT ({}) DO UPDATE SET {}",
+            keys.join(", "),
+            sets.join(", ")
+        )
     }
 }
 

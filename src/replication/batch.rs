@@ -84,7 +84,8 @@ pub fn tick_snapshot(p: &mut Client, queue: &str, tick: i64) -> Result<Snapshot>
 /// Streams a batch's events from the provider in chunks (CHUNK_EVENTS, CHUNK_BYTES) and hands each
 /// chunk to `f`. A scoped reader thread fetches the next chunk (in a read
 /// transaction on the provider, through a portal) while `f` applies the current
-/// one, so fetching and applying overlap; at most two chunks are in memory.
+/// one, so fetching and applying overlap; at most two chunks are in memory,
+/// and a chunk with an event bigger than CHUNK_BYTES is the only one.
 pub fn for_each_chunk(
     p: &mut Client,
     batch_id: i64,
@@ -94,9 +95,10 @@ pub fn for_each_chunk(
     let name = format!("{}.read", std::thread::current().name().unwrap_or("worker"));
     std::thread::scope(|scope| {
         let (tx, rx) = crossbeam_channel::bounded::<Vec<Event>>(1);
+        let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<()>();
         let reader = std::thread::Builder::new()
             .name(name)
-            .spawn_scoped(scope, move || read_batch(p, batch_id, stop, &tx))
+            .spawn_scoped(scope, move || read_batch(p, batch_id, stop, &tx, &ack_rx))
             .map_err(|e| Error::Io(format!("cannot start the batch reader thread: {e}")))?;
         let (mut t_apply, mut n) = (Duration::ZERO, 0usize);
         let mut applied: Result<()> = Ok(());
@@ -104,6 +106,8 @@ pub fn for_each_chunk(
             let t0 = Instant::now();
             n += events.len();
             applied = f(&events);
+            drop(events);
+            let _ = ack_tx.send(());
             t_apply += t0.elapsed();
             if applied.is_err() {
                 break;
@@ -125,7 +129,9 @@ fn read_batch(
     batch_id: i64,
     stop: &(dyn Fn() -> bool + Sync),
     out: &crossbeam_channel::Sender<Vec<Event>>,
+    applied: &crossbeam_channel::Receiver<()>,
 ) -> Result<()> {
+    let (mut sent, mut acked) = (0usize, 0usize);
     let mut ptx = p
         .transaction()
         .ctx(|| "cannot begin a read transaction on the provider".into())?;
@@ -136,8 +142,17 @@ fn read_batch(
         .query_one("SELECT pgq.batch_event_sql($1)", &[&batch_id])
         .ctx(|| format!("cannot read batch {batch_id}"))?
         .get(0);
+    // A huge ev_data comes in pieces (its length in characters instead of the
+    // value): received whole, it would be in memory twice, once in the
+    // connection's buffer and once as the event's string.
+    let piece_sql = format!("SELECT substr(ev_data, $2, $3) FROM ({sql}) ev WHERE ev_id = $1");
     let sql = format!(
-        "SELECT ev_id, ev_time::text, ev_txid, ev_retry, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4 FROM ({sql}) ev"
+        "SELECT ev_id, ev_time::text, ev_txid, ev_retry, ev_type,
+                CASE WHEN octet_length(ev_data) > {PIECE} THEN NULL ELSE ev_data END,
+                ev_extra1, ev_extra2, ev_extra3, ev_extra4,
+                CASE WHEN octet_length(ev_data) > {PIECE} THEN length(ev_data) END,
+                CASE WHEN octet_length(ev_data) > {PIECE} THEN octet_length(ev_data) END
+           FROM ({sql}) ev"
     );
     let portal = ptx
         .bind(sql.as_str(), &[])
@@ -161,7 +176,16 @@ fn read_batch(
                 txid: r.get(2),
                 retry: r.get(3),
                 ev_type: r.get(4),
-                data: r.get(5),
+                data: match r.get::<_, Option<i32>>(10) {
+                    None => r.get(5),
+                    Some(chars) => Some(read_pieces(
+                        &mut ptx,
+                        &piece_sql,
+                        r.get(0),
+                        chars,
+                        r.get(11),
+                    )?),
+                },
                 extra1: r.get(6),
                 extra2: r.get(7),
                 extra3: r.get(8),
@@ -178,10 +202,21 @@ fn read_batch(
         // chunk goes to the applier.
         drop(rows);
         if (last || chunk.len() >= CHUNK_EVENTS || bytes >= CHUNK_BYTES) && !chunk.is_empty() {
+            let big = bytes > CHUNK_BYTES;
             bytes = 0;
             if out.send(std::mem::take(&mut chunk)).is_err() {
                 // The applier failed; its error is the one to report.
                 return Ok(());
+            }
+            sent += 1;
+            // A chunk over the limit holds a huge event: read on only once it
+            // is applied, so that one huge value is in memory once, not three
+            // times (in the channel, being applied, being fetched).
+            while big && acked < sent {
+                if applied.recv().is_err() {
+                    return Ok(());
+                }
+                acked += 1;
             }
         }
         if last {
@@ -191,6 +226,29 @@ fn read_batch(
     ptx.commit()
         .ctx(|| "cannot end the read transaction on the provider".into())?;
     Ok(())
+}
+
+/// Values above this many bytes are fetched in pieces of this many characters.
+const PIECE: i32 = 8 << 20;
+
+/// Reads one huge ev_data piece by piece into a string of its exact size.
+fn read_pieces(
+    ptx: &mut Transaction,
+    sql: &str,
+    id: i64,
+    chars: i32,
+    bytes: i32,
+) -> Result<String> {
+    let mut out = String::with_capacity(bytes.max(0) as usize);
+    let mut from = 1;
+    while from <= chars {
+        let row = ptx
+            .query_one(sql, &[&id, &from, &PIECE])
+            .ctx(|| format!("cannot read event {id} from the provider"))?;
+        out.push_str(row.get::<_, Option<&str>>(0).unwrap_or(""));
+        from += PIECE;
+    }
+    Ok(out)
 }
 
 /// Session setup for applying: triggers of ours stay quiet (londiste.replay), and

@@ -122,7 +122,11 @@ $$;
 
 -- The two statements that write the rows of transition table `rel` as events
 -- of kind `k` ('I' or 'D'): one plain event for a single row, or events of up
--- to 1000 rows each (kind 'I*' / 'D*', rows separated by newlines).
+-- to 1000 rows each (kind 'I*' / 'D*', rows separated by newlines). An event
+-- is also closed once its rows pass 4 MB of text (the running sum is over the
+-- same window as the row number, so it costs no second pass): 1000 rows of
+-- 1 MB make 250 events, not one of 1 GB (PostgreSQL's limit for a value),
+-- and no reader has to hold more than a few MB for one event.
 CREATE OR REPLACE FUNCTION pgq._capture_rows(ins text, k text, rel text, tname text, colq text, keylit text,
                                              OUT single text, OUT multi text)
 LANGUAGE sql IMMUTABLE AS $f$
@@ -130,8 +134,10 @@ LANGUAGE sql IMMUTABLE AS $f$
         SELECT %L, (x.*)::text, %L, %s, %L FROM %s x;$x$, k, tname, colq, keylit, rel),
            ins || format($x$
         SELECT CASE WHEN count(*) = 1 THEN %L ELSE %L END, string_agg(s.r, E'\n'), %L, %s, %L
-          FROM (SELECT (x.*)::text AS r, (row_number() OVER () - 1) / 1000 AS g FROM %s x) s
-         GROUP BY s.g;$x$, k, k || '*', tname, colq, keylit, rel)
+          FROM (SELECT r, (row_number() OVER w - 1) / 1000 AS g,
+                       (sum(octet_length(r)) OVER w - octet_length(r)) / 4194304 AS b
+                  FROM (SELECT (x.*)::text AS r FROM %s x) x WINDOW w AS (ROWS UNBOUNDED PRECEDING)) s
+         GROUP BY s.g, s.b;$x$, k, k || '*', tname, colq, keylit, rel)
 $f$;
 
 CREATE OR REPLACE FUNCTION pgq._capture_fn_name(i_queue_id int4, i_table regclass, i_op text) RETURNS text
@@ -275,11 +281,15 @@ $n$;
         SELECT 'U', (n.*)::text, %1$L, %2$s, %3$L FROM new_rows n;$x$, tname, colq, keylit, join_cond),
             ins || format($x$
         SELECT CASE WHEN count(*) = 1 THEN s.k ELSE s.k || '*' END, string_agg(s.r, E'\n'), %L, %s, %L
-          FROM (SELECT 'D' AS k, (o.*)::text AS r, (row_number() OVER () - 1) / 1000 AS g FROM old_rows o
-                 WHERE NOT EXISTS (SELECT 1 FROM new_rows n WHERE %s)
+          FROM (SELECT 'D' AS k, r, (row_number() OVER w - 1) / 1000 AS g,
+                       (sum(octet_length(r)) OVER w - octet_length(r)) / 4194304 AS b
+                  FROM (SELECT (o.*)::text AS r FROM old_rows o
+                         WHERE NOT EXISTS (SELECT 1 FROM new_rows n WHERE %s)) d WINDOW w AS (ROWS UNBOUNDED PRECEDING)
                 UNION ALL
-                SELECT 'U', (n.*)::text, (row_number() OVER () - 1) / 1000 FROM new_rows n) s
-         GROUP BY s.k, s.g ORDER BY s.k, s.g;$x$, tname, colq, keylit, join_cond)) || leave;
+                SELECT 'U', r, (row_number() OVER w - 1) / 1000,
+                       (sum(octet_length(r)) OVER w - octet_length(r)) / 4194304
+                  FROM (SELECT (n.*)::text AS r FROM new_rows n) u WINDOW w AS (ROWS UNBOUNDED PRECEDING)) s
+         GROUP BY s.k, s.g, s.b ORDER BY s.k, s.g, s.b;$x$, tname, colq, keylit, join_cond)) || leave;
         SELECT * INTO one, many FROM pgq._capture_rows(ins, 'D', 'old_rows', tname, colq, keylit);
         body_d := pgq._capture_by_size(q, one, many) || leave;
     ELSE
