@@ -3,8 +3,8 @@
 //! going on by itself once the cause is gone, and a change made outside
 //! `execute` (drift) stopping a node with an error that says what to do.
 
-use crate::cutover::{Q, Rig};
-use crate::harness::{poll_until, run, tables_diff};
+use crate::cutover::{Q, Rig, node_ini};
+use crate::harness::{Cluster, poll_until, run, tables_diff, unique_name};
 use crate::tutorial::output_text;
 use postgres::{Client, NoTls};
 use std::sync::Arc;
@@ -400,4 +400,67 @@ fn header_conditions_decide_where_a_file_runs() {
         .write("09_bad.sql", "create table t9 (id int primary key);\n");
     let (ok, out) = execute(&r, "root", &["09_bad.sql"]);
     assert!(ok, "{out}");
+}
+
+/// No superuser anywhere: a role that owns the tables (and the databases)
+/// sets up the nodes, runs the ticker and the workers, and runs `execute`.
+#[test]
+fn execute_needs_only_the_tables_owner() {
+    let mut r = Rig::new(&["root", "leaf"]);
+    let c = Cluster::shared();
+    let role = unique_name("ddl_owner");
+    c.client("postgres")
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"
+        ))
+        .unwrap();
+    for n in r.nodes.iter_mut() {
+        c.client(&n.1)
+            .batch_execute(&format!(
+                "ALTER DATABASE \"{}\" OWNER TO {role}; ALTER SCHEMA public OWNER TO {role};
+                 ALTER TABLE orders OWNER TO {role}; ALTER TABLE items OWNER TO {role};",
+                n.1
+            ))
+            .unwrap();
+        n.2 = n.2.replace("user=postgres", &format!("user={role}"));
+        r.dir.write(&format!("{}.ini", n.0), &node_ini(&n.2, &n.0));
+    }
+    r.dir.write(
+        "ticker.ini",
+        &format!(
+            "[pgqd]\nbase_connstr = host=127.0.0.1 port={} user={role}\ndatabase_list = {}\nlogfile = log/ticker.log\nticker_period = 0.05\n",
+            c.port(),
+            r.nodes[0].1
+        ),
+    );
+    r.create_root("root");
+    r.create_sub("leaf", "leaf", "root");
+    r.start_ticker();
+    r.start_worker("root");
+    r.start_worker("leaf");
+    r.add_all("root");
+    r.add_all("leaf");
+    r.wait_synced("leaf", 2);
+    r.dir.write(
+        "10_owner.sql",
+        "alter table orders add column owner_note text;\ncreate index orders_owner_note on orders (owner_note);\n",
+    );
+    let (ok, out) = execute(&r, "root", &["10_owner.sql"]);
+    assert!(ok, "{out}");
+    let mut root = r.client("root");
+    let su: bool = root
+        .query_one(
+            "select rolsuper from pg_roles where rolname = current_user",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(!su, "the test must run without superuser");
+    root.batch_execute("insert into orders (note, owner_note) values ('by owner', 'yes')")
+        .unwrap();
+    wait_equal_tables(&r, "root", "leaf", &["public.orders", "public.items"]);
+    assert_eq!(
+        columns(&mut r.client("leaf"), "public.orders"),
+        ["id integer", "note text", "n integer", "owner_note text"]
+    );
 }
