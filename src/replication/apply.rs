@@ -12,6 +12,7 @@
 
 use crate::error::{Context, Error, Result};
 use crate::names::{ident, split_qualified};
+use crate::replication::merge::{self, MergePart};
 use crate::replication::record::{
     Snapshot, parse_columns, parse_record, parse_text_array, split_rows,
 };
@@ -40,6 +41,8 @@ pub struct TableRoute {
     pub dest: String,
     /// Events visible in this copy snapshot are already in the copied data.
     pub skip_snapshot: Option<Snapshot>,
+    /// Set when the table is merged from several queues (see merge.rs).
+    pub merge: Option<MergePart>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +73,7 @@ struct Group<'a> {
     cols: &'a str,
     keys: &'a str,
     events: Vec<&'a Event>,
+    merge: Option<MergePart>,
 }
 
 /// Counters for the stats line.
@@ -153,6 +157,11 @@ impl Applier {
                 // TRUNCATE: a barrier, as it may cascade to other tables.
                 self.flush(tx, &mut order, &mut buckets)?;
                 last_table = None;
+                if let Some(m) = &r.merge {
+                    merge::truncate(tx, &r.dest, m, ev.id)?;
+                    self.stats.statements += 1;
+                    continue;
+                }
                 let sql = format!("TRUNCATE {} CASCADE", r.dest);
                 tx.batch_execute(&sql)
                     .ctx(|| format!("[ev_id={}] cannot truncate {}", ev.id, r.dest))?;
@@ -183,6 +192,7 @@ impl Applier {
                     cols,
                     keys,
                     events: vec![ev],
+                    merge: r.merge.clone(),
                 });
             }
         }
@@ -357,6 +367,9 @@ impl Applier {
                 }
             }
         }
+        if let Some(m) = &g.merge {
+            self.record_origins(tx, g, m, &used, &rows, &key_cols, &where_())?;
+        }
         if g.kind == Kind::Insert && !self.single && rows.len() >= COPY_MIN_ROWS {
             return self.copy_rows(tx, g, &used, &rows, &where_());
         }
@@ -477,6 +490,44 @@ impl Applier {
 }
 
 impl Applier {
+    /// A merged table: the group's keys get (or, deleted, lose) their origin
+    /// before the rows are written, so a key of another source is reported as
+    /// such, not as the table's unique violation.
+    #[allow(clippy::too_many_arguments)]
+    fn record_origins(
+        &mut self,
+        tx: &mut Transaction,
+        g: &Group,
+        m: &MergePart,
+        used: &[(usize, &Column)],
+        rows: &[Vec<Option<String>>],
+        key_cols: &[String],
+        where_: &str,
+    ) -> Result<()> {
+        let mut types = Vec::with_capacity(key_cols.len());
+        let mut arrays = Vec::with_capacity(key_cols.len());
+        for k in key_cols {
+            let j = used.iter().position(|(_, c)| &c.name == k).ok_or_else(|| {
+                Error::Other(format!(
+                    "{where_} key column {k} of merged table {} is not among the applied columns",
+                    g.dest
+                ))
+            })?;
+            types.push(used[j].1.type_sql.clone());
+            arrays.push(rows.iter().map(|r| r[j].clone()).collect());
+        }
+        if types.is_empty() {
+            return Err(Error::Other(format!(
+                "{where_} event for merged table {} has no key columns; a merged table needs a primary key on every source",
+                g.dest
+            )));
+        }
+        let st = self.statement(tx, &merge::origin_sql(g.kind == Kind::Delete, &types))?;
+        merge::record_origins(tx, &st, &g.dest, m, key_cols, arrays, where_)?;
+        self.stats.statements += 1;
+        Ok(())
+    }
+
     /// Inserts through COPY: the fastest way into a table for a run of inserts.
     fn copy_rows(
         &mut self,

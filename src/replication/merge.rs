@@ -1,0 +1,229 @@
+//! Merged tables: one destination table fed by the queues of several sources
+//! (`add-table --merge-all` / `--no-merge`). The origin of each row (which queue
+//! wrote its key) lives in `londiste.merge_origin` (see `sql/merge.sql`); this
+//! module keeps it in step with the applied rows, in the same transaction and
+//! set-based, one statement per group of events next to the group's own.
+//!
+//! What the origins give: a key sent by a second source is refused naming both
+//! queues (the batch rolls back and its position is held until the conflict is
+//! removed at a source); a TRUNCATE at one source deletes that source's rows
+//! only; a copy from one source leaves the others' rows alone; `compare` checks
+//! each source against its part.
+
+use crate::error::{Context, Error, Result};
+use postgres::{GenericClient, Statement, Transaction};
+
+/// How one queue's events reach a merged table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergePart {
+    /// The queue whose rows these are (the name stored in merge_origin).
+    pub queue: String,
+    /// On the source's TRUNCATE, delete this source's rows (false: ignore it).
+    pub truncate: bool,
+}
+
+/// The statement that records the origins of a group's keys (inserts and
+/// updates) or drops them (deletes), and returns one key that another queue
+/// wrote, if any. Parameters: $1 dest, $2 queue, $3.. one text[] per key column.
+/// The conflict check reads the table as it was before the statement, so the
+/// keys this statement adds are not reported; only the others' are.
+pub fn origin_sql(delete: bool, key_types: &[String]) -> String {
+    let aliases: Vec<String> = (0..key_types.len()).map(|j| format!("c{j}")).collect();
+    let params: Vec<String> = (0..key_types.len())
+        .map(|j| format!("${}::text[]", j + 3))
+        .collect();
+    let casts: Vec<String> = key_types
+        .iter()
+        .enumerate()
+        .map(|(j, t)| format!("u.c{j}::{t}"))
+        .collect();
+    let keys = format!(
+        "k AS (SELECT DISTINCT ROW({})::text AS key FROM unnest({}) AS u({}))",
+        casts.join(", "),
+        params.join(", "),
+        aliases.join(", ")
+    );
+    let change = if delete {
+        "w AS (DELETE FROM londiste.merge_origin m USING k
+                WHERE m.dest_table = $1 AND m.queue_name = $2 AND m.row_key = k.key)"
+    } else {
+        "w AS (INSERT INTO londiste.merge_origin (dest_table, row_key, queue_name)
+                SELECT $1, key, $2 FROM k ON CONFLICT (dest_table, row_key) DO NOTHING)"
+    };
+    format!(
+        "WITH {keys}, {change}
+         SELECT m.row_key, m.queue_name FROM londiste.merge_origin m JOIN k ON m.row_key = k.key
+          WHERE m.dest_table = $1 AND m.queue_name <> $2 LIMIT 1"
+    )
+}
+
+/// Runs `origin_sql` for one group's keys (`key_values`: one array per key
+/// column); a key of another queue is the error that names both sources.
+pub fn record_origins(
+    tx: &mut Transaction,
+    st: &Statement,
+    dest: &str,
+    part: &MergePart,
+    key_names: &[String],
+    key_values: Vec<Vec<Option<String>>>,
+    where_: &str,
+) -> Result<()> {
+    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&dest, &part.queue];
+    for a in &key_values {
+        params.push(a);
+    }
+    let hit = tx
+        .query_opt(st, &params)
+        .ctx(|| format!("{where_} cannot record the origin of rows of merged table {dest}"))?;
+    match hit {
+        None => Ok(()),
+        Some(r) => {
+            let (row_key, other): (String, String) = (r.get(0), r.get(1));
+            Err(conflict(
+                tx,
+                where_,
+                dest,
+                key_names,
+                &row_key,
+                &part.queue,
+                &other,
+            ))
+        }
+    }
+}
+
+/// `queue q (from node n)`: how a source is named in messages.
+fn source_name<C: GenericClient>(c: &mut C, queue: &str) -> String {
+    c.query_opt(
+        "SELECT provider_node FROM londiste.node_info WHERE queue_name = $1",
+        &[&queue],
+    )
+    .ok()
+    .flatten()
+    .and_then(|r| r.get::<_, Option<String>>(0))
+    .map_or_else(
+        || format!("queue {queue}"),
+        |n| format!("queue {queue} (from node {n})"),
+    )
+}
+
+fn conflict<C: GenericClient>(
+    c: &mut C,
+    where_: &str,
+    dest: &str,
+    key_names: &[String],
+    row_key: &str,
+    mine: &str,
+    other: &str,
+) -> Error {
+    let (a, b) = (source_name(c, mine), source_name(c, other));
+    Error::Other(format!(
+        "{where_} merged table {dest}: key ({})={row_key} comes from two sources: {a} sends it, \
+         {b} already wrote it; remove the row at one source (the worker of {mine} holds its \
+         position and retries until then)",
+        key_names.join(", ")
+    ))
+}
+
+/// The source's TRUNCATE on a merged table: only this source's rows go.
+pub fn truncate(tx: &mut Transaction, dest: &str, part: &MergePart, ev_id: i64) -> Result<()> {
+    if !part.truncate {
+        log::info!(
+            "[ev_id={ev_id}] TRUNCATE of merged table {dest} from queue {} ignored (merge_truncate = skip)",
+            part.queue
+        );
+        return Ok(());
+    }
+    let n: i64 = tx
+        .query_one(
+            "SELECT londiste.merge_truncate($1, $2)",
+            &[&part.queue, &dest],
+        )
+        .ctx(|| {
+            format!(
+                "[ev_id={ev_id}] cannot remove the rows of queue {} from merged table {dest}",
+                part.queue
+            )
+        })?
+        .get(0);
+    log::info!(
+        "[ev_id={ev_id}] TRUNCATE from queue {}: {n} of its rows removed from merged table {dest}",
+        part.queue
+    );
+    Ok(())
+}
+
+/// Before a copy into a merged table writes rows: true if it may empty the
+/// table (no other source has rows there), else this queue's old rows are gone
+/// and the others' stay. Serialises the copies of one table across queues.
+pub fn prepare_copy(tx: &mut Transaction, queue: &str, dest: &str) -> Result<bool> {
+    Ok(tx
+        .query_one(
+            "SELECT londiste.merge_prepare_copy($1, $2)",
+            &[&queue, &dest],
+        )
+        .ctx(|| format!("cannot prepare merged table {dest} for the copy from queue {queue}"))?
+        .get(0))
+}
+
+/// After the COPY: the copied rows become this queue's.
+pub fn claim_copied(tx: &mut Transaction, queue: &str, dest: &str) -> Result<i64> {
+    Ok(tx
+        .query_one(
+            "SELECT londiste.merge_claim_copied($1, $2)",
+            &[&queue, &dest],
+        )
+        .ctx(|| format!("cannot record the origin of the rows copied into {dest}"))?
+        .get(0))
+}
+
+/// A COPY into a merged table failed on a duplicate key: name the source that
+/// has it. `detail` is the server's `Key (a, b)=(1, 2) already exists.`.
+pub fn copy_conflict<C: GenericClient>(
+    c: &mut C,
+    table: &str,
+    dest: &str,
+    queue: &str,
+    detail: &str,
+) -> Option<Error> {
+    let inner = detail.strip_prefix("Key (")?;
+    let (names, rest) = inner.split_once(")=(")?;
+    let values = rest.strip_suffix(") already exists.")?;
+    let names: Vec<String> = names.split(", ").map(str::to_string).collect();
+    let vals: Vec<String> = values.split(", ").map(str::to_string).collect();
+    let owner: Option<String> = if names.len() == vals.len() {
+        c.query_one("SELECT londiste.merge_owner($1, $2)", &[&dest, &vals])
+            .ok()
+            .and_then(|r| r.get(0))
+    } else {
+        None
+    };
+    let b = owner.map_or_else(|| "another source".to_string(), |o| source_name(c, &o));
+    let a = source_name(c, queue);
+    Some(Error::Other(format!(
+        "copy of {table} into merged table {dest}: key ({})=({values}) comes from two sources: \
+         {a} has it, {b} already wrote it; remove the row at one source, the copy is retried",
+        names.join(", ")
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_statement_casts_each_key_column() {
+        let s = origin_sql(false, &["integer".into(), "text".into()]);
+        assert!(s.contains("ROW(u.c0::integer, u.c1::text)::text"), "{s}");
+        assert!(
+            s.contains("unnest($3::text[], $4::text[]) AS u(c0, c1)"),
+            "{s}"
+        );
+        assert!(
+            s.contains("ON CONFLICT (dest_table, row_key) DO NOTHING"),
+            "{s}"
+        );
+        let d = origin_sql(true, &["bigint".into()]);
+        assert!(d.contains("DELETE FROM londiste.merge_origin"), "{d}");
+    }
+}
