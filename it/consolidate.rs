@@ -372,6 +372,44 @@ fn three_sources_into_one_target() {
         ok("londiste3", &[j, "compare"], d);
     }
 
+    // repair of a merged table works on the source's part: a row of source 2
+    // lost and one of source 1 changed here are found by their own jobs only.
+    hubc.batch_execute(
+        "set londiste.replay = on;
+         delete from public.events where id = 2999999;
+         update public.events set kind = 'changed' where id = 1000001;
+         reset londiste.replay;",
+    )
+    .unwrap();
+    let out = run("londiste3", &["hub3.ini", "repair", "public.events"], d);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let out = output_text(&run(
+        "londiste3",
+        &["hub2.ini", "repair", "public.events"],
+        d,
+    ));
+    assert!(out.contains("1 missing, 0 different, 0 extra"), "{out}");
+    ok(
+        "londiste3",
+        &["hub2.ini", "repair", "public.events", "--apply"],
+        d,
+    );
+    let out = output_text(&run(
+        "londiste3",
+        &["hub1.ini", "repair", "public.events"],
+        d,
+    ));
+    assert!(out.contains("0 missing, 1 different, 0 extra"), "{out}");
+    ok(
+        "londiste3",
+        &["hub1.ini", "repair", "public.events", "--apply"],
+        d,
+    );
+    check_all(&mut s, &mut hubc).unwrap();
+    for j in ["hub1.ini", "hub2.ini"] {
+        ok("londiste3", &[j, "compare", "public.events"], d);
+    }
+
     // A stopped source: the others still apply, fleet names the one that is down.
     src[0].stop_immediate();
     s[1].batch_execute("insert into accounts (name) values ('while 1 is down')")

@@ -522,8 +522,11 @@ impl Applier {
                 g.dest
             )));
         }
-        let st = self.statement(tx, &merge::origin_sql(g.kind == Kind::Delete, &types))?;
-        merge::record_origins(tx, &st, &g.dest, m, key_cols, arrays, where_)?;
+        let origin = self.statement(tx, &merge::origin_sql(g.kind == Kind::Delete, &types))?;
+        let conflicts = self.statement(tx, &merge::conflict_sql(&types))?;
+        merge::record_origins(
+            tx, &origin, &conflicts, &g.dest, m, key_cols, arrays, where_,
+        )?;
         self.stats.statements += 1;
         Ok(())
     }

@@ -22,12 +22,10 @@ pub struct MergePart {
     pub truncate: bool,
 }
 
-/// The statement that records the origins of a group's keys (inserts and
-/// updates) or drops them (deletes), and returns one key that another queue
-/// wrote, if any. Parameters: $1 dest, $2 queue, $3.. one text[] per key column.
-/// The conflict check reads the table as it was before the statement, so the
-/// keys this statement adds are not reported; only the others' are.
-pub fn origin_sql(delete: bool, key_types: &[String]) -> String {
+/// The keys of a group as a relation `k(key)`: ROW(key values cast to the
+/// column types)::text, the text `merge_key_expr` gives for a stored row.
+/// Parameters $3.. are one text[] per key column.
+fn keys_cte(key_types: &[String]) -> String {
     let aliases: Vec<String> = (0..key_types.len()).map(|j| format!("c{j}")).collect();
     let params: Vec<String> = (0..key_types.len())
         .map(|j| format!("${}::text[]", j + 3))
@@ -37,31 +35,50 @@ pub fn origin_sql(delete: bool, key_types: &[String]) -> String {
         .enumerate()
         .map(|(j, t)| format!("u.c{j}::{t}"))
         .collect();
-    let keys = format!(
-        "k AS (SELECT DISTINCT ROW({})::text AS key FROM unnest({}) AS u({}))",
+    format!(
+        "k AS (SELECT ROW({})::text AS key FROM unnest({}) AS u({}))",
         casts.join(", "),
         params.join(", "),
         aliases.join(", ")
-    );
+    )
+}
+
+/// The statement that records the origins of a group's keys (inserts and
+/// updates) or drops this queue's (deletes), returning how many keys it did
+/// not record or drop: 0 is the common case, and then nothing else is asked.
+/// Parameters: $1 dest, $2 queue, $3.. one text[] per key column.
+pub fn origin_sql(delete: bool, key_types: &[String]) -> String {
     let change = if delete {
         "w AS (DELETE FROM londiste.merge_origin m USING k
-                WHERE m.dest_table = $1 AND m.queue_name = $2 AND m.row_key = k.key)"
+                WHERE m.dest_table = $1 AND m.queue_name = $2 AND m.row_key = k.key RETURNING 1)"
     } else {
         "w AS (INSERT INTO londiste.merge_origin (dest_table, row_key, queue_name)
-                SELECT $1, key, $2 FROM k ON CONFLICT (dest_table, row_key) DO NOTHING)"
+                SELECT $1, key, $2 FROM k ON CONFLICT (dest_table, row_key) DO NOTHING RETURNING 1)"
     };
     format!(
-        "WITH {keys}, {change}
-         SELECT m.row_key, m.queue_name FROM londiste.merge_origin m JOIN k ON m.row_key = k.key
-          WHERE m.dest_table = $1 AND m.queue_name <> $2 LIMIT 1"
+        "WITH {}, {change} SELECT (SELECT count(*) FROM k) - (SELECT count(*) FROM w)",
+        keys_cte(key_types)
+    )
+}
+
+/// One key of the group that another queue wrote, if any (same parameters).
+/// Keys this queue already had (updates) are not conflicts.
+pub fn conflict_sql(key_types: &[String]) -> String {
+    format!(
+        "WITH {} SELECT m.row_key, m.queue_name FROM londiste.merge_origin m JOIN k ON m.row_key = k.key
+          WHERE m.dest_table = $1 AND m.queue_name <> $2 LIMIT 1",
+        keys_cte(key_types)
     )
 }
 
 /// Runs `origin_sql` for one group's keys (`key_values`: one array per key
-/// column); a key of another queue is the error that names both sources.
+/// column) and, when some were not new, `conflict_sql`: a key of another queue
+/// is the error that names both sources.
+#[allow(clippy::too_many_arguments)]
 pub fn record_origins(
     tx: &mut Transaction,
-    st: &Statement,
+    origin: &Statement,
+    conflicts: &Statement,
     dest: &str,
     part: &MergePart,
     key_names: &[String],
@@ -72,10 +89,12 @@ pub fn record_origins(
     for a in &key_values {
         params.push(a);
     }
-    let hit = tx
-        .query_opt(st, &params)
-        .ctx(|| format!("{where_} cannot record the origin of rows of merged table {dest}"))?;
-    match hit {
+    let what = || format!("{where_} cannot record the origin of rows of merged table {dest}");
+    let not_new: i64 = tx.query_one(origin, &params).ctx(what)?.get(0);
+    if not_new == 0 {
+        return Ok(());
+    }
+    match tx.query_opt(conflicts, &params).ctx(what)? {
         None => Ok(()),
         Some(r) => {
             let (row_key, other): (String, String) = (r.get(0), r.get(1));

@@ -11,10 +11,12 @@
 
 ALTER TABLE londiste.table_info ADD COLUMN IF NOT EXISTS merged boolean NOT NULL DEFAULT false;
 
+-- Byte-order collation: keys are compared, never sorted for people, and the
+-- locale's comparison would cost the apply more than the index itself.
 CREATE TABLE IF NOT EXISTS londiste.merge_origin (
-    dest_table text NOT NULL,
-    row_key text NOT NULL,
-    queue_name text NOT NULL,
+    dest_table text COLLATE "C" NOT NULL,
+    row_key text COLLATE "C" NOT NULL,
+    queue_name text COLLATE "C" NOT NULL,
     PRIMARY KEY (dest_table, row_key)
 );
 
@@ -104,4 +106,25 @@ BEGIN
     EXECUTE format('SELECT queue_name FROM londiste.merge_origin WHERE dest_table = $2 AND row_key = %s', expr)
       INTO owner USING i_values, i_dest;
     RETURN owner;
+END $$;
+
+-- repair of a merged table: the row it inserts becomes this queue's (i_queue),
+-- the one it deletes loses its origin (i_queue NULL).
+CREATE OR REPLACE FUNCTION londiste.merge_set_owner(i_dest text, i_values text[], i_queue text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    expr text;
+BEGIN
+    SELECT 'ROW(' || string_agg(format('($1[%s])::%s', k.ord, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY k.ord) || ')::text'
+      INTO expr
+      FROM unnest(pgq.table_pkey(i_dest::regclass)) WITH ORDINALITY AS k(name, ord)
+      JOIN pg_attribute a ON a.attrelid = i_dest::regclass AND a.attname = k.name;
+    IF i_queue IS NULL THEN
+        EXECUTE format('DELETE FROM londiste.merge_origin WHERE dest_table = $2 AND row_key = %s', expr)
+          USING i_values, i_dest;
+    ELSE
+        EXECUTE format('INSERT INTO londiste.merge_origin (dest_table, row_key, queue_name) VALUES ($2, %s, $3)
+                        ON CONFLICT (dest_table, row_key) DO UPDATE SET queue_name = EXCLUDED.queue_name', expr)
+          USING i_values, i_dest, i_queue;
+    END IF;
 END $$;
