@@ -14,7 +14,7 @@ use postgres::Client;
 use std::time::{Duration, Instant};
 
 /// Row count and checksum of a table over the given columns; of a merged
-/// table, `part` = (queue, key expression) keeps only that queue's rows.
+/// table, `part` = (queue, filter on alias t, $1 = queue) keeps that queue's rows.
 fn checksum(
     c: &mut impl postgres::GenericClient,
     table: &str,
@@ -32,11 +32,8 @@ fn checksum(
         )
     };
     let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = Vec::new();
-    if let Some((queue, key)) = &part {
-        sql.push_str(&format!(
-            " WHERE EXISTS (SELECT 1 FROM londiste.merge_origin m WHERE m.dest_table = $1 AND m.queue_name = $2 AND m.row_key = {key})"
-        ));
-        params.push(&table);
+    if let Some((queue, filter)) = &part {
+        sql.push_str(&format!(" WHERE {filter}"));
         params.push(queue);
     }
     let r = c
@@ -115,12 +112,9 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
         // A merged table: this source against the rows it wrote, not all.
         let key: Option<String> = if t.merged {
             Some(
-                ltx.query_one(
-                    "SELECT londiste.merge_key_expr($1::text::regclass, 't')",
-                    &[&dest],
-                )
-                .ctx(|| format!("cannot read the key of merged table {dest}"))?
-                .get(0),
+                ltx.query_one("SELECT londiste.merge_part_filter($1, 't')", &[&dest])
+                    .ctx(|| format!("cannot read the key of merged table {dest}"))?
+                    .get(0),
             )
         } else {
             None

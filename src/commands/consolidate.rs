@@ -95,6 +95,10 @@ pub(super) fn check_feeders(
                  (the sources' rows are told apart by it)"
             )));
         }
+        // Its origin map, now rather than by the first worker to need it.
+        let dest = crate::replication::apply::local_name(local_name, None)?;
+        c.query_one("SELECT londiste.merge_map($1)", &[&dest])
+            .ctx(|| format!("cannot create the origin map of {local_name}"))?;
     }
     Ok(())
 }

@@ -47,13 +47,7 @@ impl<'a> Side<'a> {
             .collect();
         // A merged table: only the rows this node's queue wrote.
         let (filter, params): (String, Vec<&(dyn postgres::types::ToSql + Sync)>) = match &part {
-            Some((queue, origin_key)) => (
-                format!(
-                    " WHERE EXISTS (SELECT 1 FROM londiste.merge_origin m WHERE m.dest_table = $1 \
-                       AND m.queue_name = $2 AND m.row_key = {origin_key})"
-                ),
-                vec![&table, queue],
-            ),
+            Some((queue, filter)) => (format!(" WHERE {filter}"), vec![queue]),
             None => (String::new(), Vec::new()),
         };
         let sql = format!(
@@ -162,10 +156,7 @@ pub fn repair(cfg: &WorkerConfig, args: &[String], opts: &Opts, apply: bool) -> 
         let origin_key: Option<String> = if t.merged {
             Some(
                 local
-                    .query_one(
-                        "SELECT londiste.merge_key_expr($1::text::regclass, 't')",
-                        &[&dest],
-                    )
+                    .query_one("SELECT londiste.merge_part_filter($1, 't')", &[&dest])
                     .ctx(|| format!("cannot read the key of merged table {dest}"))?
                     .get(0),
             )

@@ -87,6 +87,8 @@ pub struct ApplyStats {
 pub struct Applier {
     meta: HashMap<String, TableMeta>,
     stmts: HashMap<String, Statement>,
+    /// The origin map of each merged table written so far.
+    merge_maps: HashMap<String, String>,
     /// May events of different tables be regrouped (see module doc)?
     pub reorder: bool,
     /// One statement per event: used to pinpoint the failing event after an error.
@@ -105,6 +107,7 @@ impl Applier {
         Applier {
             meta: HashMap::new(),
             stmts: HashMap::new(),
+            merge_maps: HashMap::new(),
             reorder: false,
             single: false,
             stats: ApplyStats::default(),
@@ -115,6 +118,7 @@ impl Applier {
     pub fn reset(&mut self) {
         self.meta.clear();
         self.stmts.clear();
+        self.merge_maps.clear();
     }
 
     /// Applies a chunk of events. `route` says where a queue table's events go
@@ -522,8 +526,17 @@ impl Applier {
                 g.dest
             )));
         }
-        let origin = self.statement(tx, &merge::origin_sql(g.kind == Kind::Delete, &types))?;
-        let conflicts = self.statement(tx, &merge::conflict_sql(&types))?;
+        let map = match self.merge_maps.get(&g.dest) {
+            Some(m) => m.clone(),
+            None => {
+                let m = merge::map_of(tx, &g.dest)?;
+                self.merge_maps.insert(g.dest.clone(), m.clone());
+                m
+            }
+        };
+        let delete = g.kind == Kind::Delete;
+        let origin = self.statement(tx, &merge::origin_sql(&map, delete, key_cols, &types))?;
+        let conflicts = self.statement(tx, &merge::conflict_sql(&map, key_cols, &types))?;
         merge::record_origins(
             tx, &origin, &conflicts, &g.dest, m, key_cols, arrays, where_,
         )?;

@@ -1,6 +1,6 @@
 //! Merged tables: one destination table fed by the queues of several sources
 //! (`add-table --merge-all` / `--no-merge`). The origin of each row (which queue
-//! wrote its key) lives in `londiste.merge_origin` (see `sql/merge.sql`); this
+//! wrote its key) lives in an origin map per table (see `sql/merge.sql`); this
 //! module keeps it in step with the applied rows, in the same transaction and
 //! set-based, one statement per group of events next to the group's own.
 //!
@@ -11,63 +11,80 @@
 //! each source against its part.
 
 use crate::error::{Context, Error, Result};
+use crate::names::ident;
 use postgres::{GenericClient, Statement, Transaction};
 
 /// How one queue's events reach a merged table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergePart {
-    /// The queue whose rows these are (the name stored in merge_origin).
+    /// The queue whose rows these are (the name stored in the origin map).
     pub queue: String,
     /// On the source's TRUNCATE, delete this source's rows (false: ignore it).
     pub truncate: bool,
 }
 
-/// The keys of a group as a relation `k(key)`: ROW(key values cast to the
-/// column types)::text, the text `merge_key_expr` gives for a stored row.
-/// Parameters $3.. are one text[] per key column.
-fn keys_cte(key_types: &[String]) -> String {
-    let aliases: Vec<String> = (0..key_types.len()).map(|j| format!("c{j}")).collect();
+/// The origin map of merged table `dest` (created on first use).
+pub fn map_of(tx: &mut Transaction, dest: &str) -> Result<String> {
+    Ok(tx
+        .query_one("SELECT londiste.merge_map($1)", &[&dest])
+        .ctx(|| format!("cannot find the origin map of merged table {dest}"))?
+        .get(0))
+}
+
+/// `unnest($2::text[], ...) AS u(c0, ...)` and `m.k = u.c0::type AND ...`.
+fn keys_from(key_names: &[String], key_types: &[String]) -> (String, String) {
     let params: Vec<String> = (0..key_types.len())
-        .map(|j| format!("${}::text[]", j + 3))
+        .map(|j| format!("${}::text[]", j + 2))
         .collect();
-    let casts: Vec<String> = key_types
+    let aliases: Vec<String> = (0..key_types.len()).map(|j| format!("c{j}")).collect();
+    let on: Vec<String> = key_names
         .iter()
+        .zip(key_types)
         .enumerate()
-        .map(|(j, t)| format!("u.c{j}::{t}"))
+        .map(|(j, (k, t))| format!("m.{} = u.c{j}::{t}", ident(k)))
         .collect();
-    format!(
-        "k AS (SELECT ROW({})::text AS key FROM unnest({}) AS u({}))",
-        casts.join(", "),
-        params.join(", "),
-        aliases.join(", ")
+    (
+        format!("unnest({}) AS u({})", params.join(", "), aliases.join(", ")),
+        on.join(" AND "),
     )
 }
 
 /// The statement that records the origins of a group's keys (inserts and
-/// updates) or drops this queue's (deletes), returning how many keys it did
-/// not record or drop: 0 is the common case, and then nothing else is asked.
-/// Parameters: $1 dest, $2 queue, $3.. one text[] per key column.
-pub fn origin_sql(delete: bool, key_types: &[String]) -> String {
+/// updates) or drops this queue's (deletes) in `map`, returning how many keys
+/// it did not record or drop: 0 is the common case, and then nothing else is
+/// asked. Parameters: $1 queue, $2.. one text[] per key column.
+pub fn origin_sql(map: &str, delete: bool, key_names: &[String], key_types: &[String]) -> String {
+    let (from, on) = keys_from(key_names, key_types);
     let change = if delete {
-        "w AS (DELETE FROM londiste.merge_origin m USING k
-                WHERE m.dest_table = $1 AND m.queue_name = $2 AND m.row_key = k.key RETURNING 1)"
+        format!("DELETE FROM {map} m USING {from} WHERE m.queue_name = $1 AND {on} RETURNING 1")
     } else {
-        "w AS (INSERT INTO londiste.merge_origin (dest_table, row_key, queue_name)
-                SELECT $1, key, $2 FROM k ON CONFLICT (dest_table, row_key) DO NOTHING RETURNING 1)"
+        let cols: Vec<String> = key_names.iter().map(|k| ident(k)).collect();
+        let casts: Vec<String> = key_types
+            .iter()
+            .enumerate()
+            .map(|(j, t)| format!("u.c{j}::{t}"))
+            .collect();
+        format!(
+            "INSERT INTO {map} ({}, queue_name) SELECT {}, $1 FROM {from} ON CONFLICT ({}) DO NOTHING RETURNING 1",
+            cols.join(", "),
+            casts.join(", "),
+            cols.join(", ")
+        )
     };
-    format!(
-        "WITH {}, {change} SELECT (SELECT count(*) FROM k) - (SELECT count(*) FROM w)",
-        keys_cte(key_types)
-    )
+    format!("WITH w AS ({change}) SELECT cardinality($2::text[]) - (SELECT count(*) FROM w)")
 }
 
 /// One key of the group that another queue wrote, if any (same parameters).
 /// Keys this queue already had (updates) are not conflicts.
-pub fn conflict_sql(key_types: &[String]) -> String {
+pub fn conflict_sql(map: &str, key_names: &[String], key_types: &[String]) -> String {
+    let (from, on) = keys_from(key_names, key_types);
+    let cols: Vec<String> = key_names
+        .iter()
+        .map(|k| format!("m.{}", ident(k)))
+        .collect();
     format!(
-        "WITH {} SELECT m.row_key, m.queue_name FROM londiste.merge_origin m JOIN k ON m.row_key = k.key
-          WHERE m.dest_table = $1 AND m.queue_name <> $2 LIMIT 1",
-        keys_cte(key_types)
+        "SELECT ROW({})::text, m.queue_name FROM {map} m JOIN {from} ON {on} WHERE m.queue_name <> $1 LIMIT 1",
+        cols.join(", ")
     )
 }
 
@@ -85,7 +102,7 @@ pub fn record_origins(
     key_values: Vec<Vec<Option<String>>>,
     where_: &str,
 ) -> Result<()> {
-    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&dest, &part.queue];
+    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&part.queue];
     for a in &key_values {
         params.push(a);
     }
@@ -231,18 +248,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn origin_statement_casts_each_key_column() {
-        let s = origin_sql(false, &["integer".into(), "text".into()]);
-        assert!(s.contains("ROW(u.c0::integer, u.c1::text)::text"), "{s}");
+    fn origin_statements_cast_each_key_column() {
+        let (k, t) = (
+            vec!["id".to_string(), "Part".to_string()],
+            vec!["integer".to_string(), "text".to_string()],
+        );
+        let s = origin_sql("londiste.m", false, &k, &t);
+        assert!(s.contains("SELECT u.c0::integer, u.c1::text, $1 FROM unnest($2::text[], $3::text[]) AS u(c0, c1)"), "{s}");
         assert!(
-            s.contains("unnest($3::text[], $4::text[]) AS u(c0, c1)"),
+            s.contains("ON CONFLICT (\"id\", \"Part\") DO NOTHING"),
             "{s}"
         );
+        let d = origin_sql("londiste.m", true, &k, &t);
+        assert!(d.contains("DELETE FROM londiste.m m USING"), "{d}");
         assert!(
-            s.contains("ON CONFLICT (dest_table, row_key) DO NOTHING"),
-            "{s}"
+            d.contains("m.\"id\" = u.c0::integer AND m.\"Part\" = u.c1::text"),
+            "{d}"
         );
-        let d = origin_sql(true, &["bigint".into()]);
-        assert!(d.contains("DELETE FROM londiste.merge_origin"), "{d}");
+        let c = conflict_sql("londiste.m", &k, &t);
+        assert!(c.contains("ROW(m.\"id\", m.\"Part\")::text"), "{c}");
+        assert!(c.contains("m.queue_name <> $1"), "{c}");
     }
 }
