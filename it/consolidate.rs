@@ -273,11 +273,41 @@ fn three_sources_into_one_target() {
         .unwrap()
         .get(0);
     assert!(before > 400, "q1 and q2 rows in the merged table: {before}");
+    // Source 3 holds a key source 1 wrote: its copy fails naming both, and
+    // leaves the merged table as it was.
+    s[2].batch_execute("insert into events values (1000005, 'dup in copy', 3)")
+        .unwrap();
     ok(
         "londiste3",
         &["hub3.ini", "add-table", "events", "--no-merge"],
         d,
     );
+    poll_until(
+        "q3's copy to report the duplicate key",
+        Duration::from_secs(30),
+        || {
+            let e: Option<String> = hubc
+            .query_one(
+                "select copy_error from londiste.table_info where queue_name = 'q3' and table_name = 'public.events'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+            match e {
+                Some(e) if e.contains("q1") && e.contains("q3") && e.contains("1000005") => {
+                    Ok(true)
+                }
+                other => Err(format!("{other:?}")),
+            }
+        },
+    );
+    let kind: String = hubc
+        .query_one("select kind from public.events where id = 1000005", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(kind, "old", "the failed copy changed source 1's row");
+    s[2].batch_execute("delete from events where id = 1000005")
+        .unwrap();
     poll_until("q3's part in sync", Duration::from_secs(60), || {
         in_sync(&["hub3.ini"])
     });
