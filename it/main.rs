@@ -13,6 +13,7 @@ mod harness_smoke;
 mod badinput;
 mod bouncer;
 mod connect;
+mod consolidate;
 mod crash;
 mod cutover;
 mod daemon;

@@ -549,12 +549,14 @@ fn unimplemented_skytools_options_are_refused() {
     r.nodes();
     for (args, needle) in [
         (
-            vec!["slave.ini", "add-table", "public.t", "--merge-all"],
-            "--merge-all: merged tables",
-        ),
-        (
-            vec!["slave.ini", "add-table", "public.t", "--no-merge"],
-            "--no-merge: merged tables",
+            vec![
+                "slave.ini",
+                "add-table",
+                "public.t",
+                "--merge-all",
+                "--no-merge",
+            ],
+            "--merge-all and --no-merge exclude each other",
         ),
         (
             vec!["slave.ini", "status", "--compact"],

@@ -29,6 +29,7 @@ const VALUED: &[&str] = &[
     "--set",
     "--provider",
     "--dest-table",
+    "--dest-schema",
     "--copy-node",
     "--trigger-arg",
     "--trigger-flags",
@@ -158,6 +159,7 @@ pub fn main() -> i32 {
         match rest.first().map(String::as_str) {
             Some("ticker") | Some("pgqd") => ("londiste-rs", run_pgqd(&rest[1..])),
             Some("run") => ("londiste-rs", run_multi(&rest[1..])),
+            Some("fleet") => ("londiste-rs", run_fleet(&rest[1..])),
             _ => ("londiste-rs", run_londiste(rest)),
         }
     };
@@ -265,7 +267,8 @@ Cut-over and cascade commands:
   resurrect                                     (on a failed-over old root) save lost events, rejoin
 Table and sequence commands:
   add-table TABLE... | --all  [--create] [--expect-sync] [--skip-truncate]
-            [--dest-table=NAME] [--copy-node=NODE] [--no-triggers] [--wait-sync] [--skip-non-existing] [--key=COL,...] [--no-sequences]
+            [--dest-table=NAME] [--dest-schema=NAME] [--merge-all | --no-merge]
+            [--copy-node=NODE] [--no-triggers] [--wait-sync] [--skip-non-existing] [--key=COL,...] [--no-sequences]
   remove-table TABLE... | --all      resync TABLE... | --all
   add-seq SEQ... | --all [--create]  remove-seq SEQ...
   tables [--names-only]  seqs  missing
@@ -279,6 +282,7 @@ Options:
   --set KEY=VALUE  -V version
 
 londiste-rs run FILE.ini...   runs several jobs (ticker and workers) in one process.
+londiste-rs fleet CONNSTR | JOB.ini...   every queue a target database subscribes to: lag, tables, errors.
 See man londiste-rs.";
 
 fn run_londiste(args: &[String]) -> Result<()> {
@@ -389,6 +393,14 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
             "--create" => o.create = true,
             "--create-full" => o.create_full = true,
             "--dest-table" => o.dest_table = v,
+            "--dest-schema" => {
+                o.dest_schema = Some(
+                    v.filter(|x| !x.is_empty())
+                        .ok_or_else(|| Error::Usage("--dest-schema wants a schema name".into()))?,
+                )
+            }
+            "--merge-all" => o.merge_all = true,
+            "--no-merge" => o.no_merge = true,
             "--copy-node" => o.copy_node = v,
             "--names-only" => o.names_only = true,
             "--count-only" => o.count_only = true,
@@ -425,13 +437,6 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
             // copy source is found automatically); --nocheck skips a check of
             // the public connect string that londiste-rs does not make.
             "--find-copy-node" | "--nocheck" => {}
-            // Accepted and ignored would be a lie: refused until they exist.
-            "--merge-all" | "--no-merge" => {
-                return Err(Error::Usage(format!(
-                    "{f}: merged tables (several queues into one table) are not supported yet; \
-                     add the table from one queue, or use --dest-table per source"
-                )));
-            }
             "--compact" => {
                 return Err(Error::Usage(
                     "--compact: status has one format; run status without it".into(),
@@ -441,6 +446,11 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
         }
     }
     raw.flags = rest;
+    if o.merge_all && o.no_merge {
+        return Err(Error::Usage(
+            "--merge-all and --no-merge exclude each other: --merge-all adds the table for every queue of this database, --no-merge for this queue only".into(),
+        ));
+    }
     Ok(o)
 }
 
@@ -450,6 +460,22 @@ fn seconds_flag(flag: &str, v: Option<String>) -> Result<std::time::Duration> {
         .filter(|x| x.is_finite() && *x >= 0.0)
         .map(std::time::Duration::from_secs_f64)
         .ok_or_else(|| Error::Usage(format!("{flag} wants seconds, e.g. {flag}=10")))
+}
+
+/// `londiste-rs fleet CONNSTR | JOB.ini...`: the consolidation's one place to look.
+fn run_fleet(args: &[String]) -> Result<()> {
+    let mut raw = parse_raw(args)?;
+    let c = take_common(&mut raw)?;
+    if let Some((f, _)) = raw.flags.first() {
+        return Err(Error::Usage(format!("unknown option {f} for fleet")));
+    }
+    if raw.words.is_empty() {
+        return Err(Error::Usage(
+            "usage: londiste-rs fleet CONNSTR | JOB.ini... (a target database, or the job files of one process)".into(),
+        ));
+    }
+    logging::init(verbosity(&c));
+    crate::commands::fleet::fleet(&raw.words, &c.sets)
 }
 
 /// `londiste-rs run FILE...`: several jobs in one process.

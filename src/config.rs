@@ -455,6 +455,8 @@ pub const WORKER_KEYS: &[&str] = &[
     "root_ticker",
     "keepalive_stats",
     "stats_period",
+    "dest_schema",
+    "merge_truncate",
 ];
 
 /// The replication worker and admin commands (`londiste3` mode).
@@ -490,6 +492,11 @@ pub struct WorkerConfig {
     /// The root's worker ticks its queue when due (no pgqd needed for ticks).
     pub root_ticker: bool,
     pub stats_period: Duration,
+    /// add-table puts the source's tables into this schema here (`--dest-schema`).
+    pub dest_schema: Option<String>,
+    /// A source's TRUNCATE of a merged table removes that source's rows (true)
+    /// or is ignored (`merge_truncate = skip`).
+    pub merge_truncate: bool,
 }
 
 impl WorkerConfig {
@@ -525,6 +532,17 @@ impl WorkerConfig {
             seq_buffer: s.int("seq_buffer", 10_000, 1)?,
             root_ticker: s.boolean("root_ticker", true)?,
             stats_period: s.seconds("stats_period", 30.0)?,
+            dest_schema: s.str_opt("dest_schema").filter(|x| !x.is_empty()),
+            merge_truncate: match s.str_opt("merge_truncate").as_deref() {
+                None | Some("own") => true,
+                Some("skip") => false,
+                Some(_) => {
+                    return Err(s.err(
+                        "merge_truncate",
+                        "must be own (a source's TRUNCATE removes its rows) or skip",
+                    ));
+                }
+            },
             common,
         })
     }

@@ -13,15 +13,17 @@ use crate::replication::node::{force_new_tick, is_root_at};
 use postgres::Client;
 use std::time::{Duration, Instant};
 
-/// Row count and checksum of a table over the given columns.
+/// Row count and checksum of a table over the given columns; of a merged
+/// table, `part` = (queue, filter on alias t, $1 = queue) keeps that queue's rows.
 fn checksum(
     c: &mut impl postgres::GenericClient,
     table: &str,
     cols: &[String],
     count_only: bool,
+    part: Option<(&str, &str)>,
 ) -> Result<(i64, i64)> {
-    let sql = if count_only {
-        format!("SELECT count(*), 0::int8 FROM ONLY {table}")
+    let mut sql = if count_only {
+        format!("SELECT count(*), 0::int8 FROM ONLY {table} t")
     } else {
         let list: Vec<String> = cols.iter().map(|c| format!("t.{}", ident(c))).collect();
         format!(
@@ -29,8 +31,13 @@ fn checksum(
             list.join(", ")
         )
     };
+    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = Vec::new();
+    if let Some((queue, filter)) = &part {
+        sql.push_str(&format!(" WHERE {filter}"));
+        params.push(queue);
+    }
     let r = c
-        .query_one(sql.as_str(), &[])
+        .query_one(sql.as_str(), &params)
         .ctx(|| format!("cannot checksum {table}"))?;
     Ok((r.get(0), r.get(1)))
 }
@@ -102,16 +109,34 @@ pub fn compare(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
             println!("{}: comparing common columns only", t.table_name);
         }
         let count_only = opts.count_only;
+        // A merged table: this source against the rows it wrote, not all.
+        let key: Option<String> = if t.merged {
+            Some(
+                ltx.query_one("SELECT londiste.merge_part_filter($1, 't')", &[&dest])
+                    .ctx(|| format!("cannot read the key of merged table {dest}"))?
+                    .get(0),
+            )
+        } else {
+            None
+        };
+        let part = key.as_deref().map(|k| (cfg.queue_name.as_str(), k));
         let (src_sum, dst_sum) = std::thread::scope(|s| {
-            let h = s.spawn(|| checksum(&mut ptx, &src, &common, count_only));
-            let d = checksum(&mut ltx, &dest, &common, count_only);
+            let h = s.spawn(|| checksum(&mut ptx, &src, &common, count_only, None));
+            let d = checksum(&mut ltx, &dest, &common, count_only, part);
             (h.join().expect("checksum thread"), d)
         });
         let ((sn, ss), (dn, ds)) = (src_sum?, dst_sum?);
         ptx.commit().ok();
         ltx.commit().ok();
         println!("{}: provider {} rows, checksum={}", t.table_name, sn, ss);
-        println!("{}: this node {} rows, checksum={}", t.table_name, dn, ds);
+        if t.merged {
+            println!(
+                "{}: this node {} rows from queue {} (merged into {}), checksum={}",
+                t.table_name, dn, cfg.queue_name, dest, ds
+            );
+        } else {
+            println!("{}: this node {} rows, checksum={}", t.table_name, dn, ds);
+        }
         if sn != dn || ss != ds {
             println!("{}: Results do not match!", t.table_name);
             differ += 1;

@@ -8,7 +8,9 @@
 pub mod branch;
 pub mod cascade;
 pub mod compare;
+mod consolidate;
 pub mod execute;
+pub mod fleet;
 pub mod nodes;
 mod ready;
 pub mod repair;
@@ -37,6 +39,12 @@ pub struct Opts {
     pub create: bool,
     pub create_full: bool,
     pub dest_table: Option<String>,
+    /// add-table: the schema here for the source's tables (else `dest_schema`).
+    pub dest_schema: Option<String>,
+    /// add-table: a merged table, for every queue of this database that has it.
+    pub merge_all: bool,
+    /// add-table: a merged table, this queue's part only.
+    pub no_merge: bool,
     pub copy_node: Option<String>,
     pub keys: Option<Vec<String>>,
     pub names_only: bool,
@@ -71,6 +79,9 @@ impl Default for Opts {
             create: false,
             create_full: false,
             dest_table: None,
+            dest_schema: None,
+            merge_all: false,
+            no_merge: false,
             copy_node: None,
             keys: None,
             names_only: false,

@@ -33,6 +33,7 @@ impl<'a> Side<'a> {
         table: &str,
         keys: &[String],
         cols: &[String],
+        part: Option<(&str, &str)>,
     ) -> Result<Side<'a>> {
         let key_expr = if keys.len() == 1 {
             format!("t.{}::text", ident(&keys[0]))
@@ -44,12 +45,17 @@ impl<'a> Side<'a> {
             .iter()
             .map(|c| format!("t.{}::text", ident(c)))
             .collect();
+        // A merged table: only the rows this node's queue wrote.
+        let (filter, params): (String, Vec<&(dyn postgres::types::ToSql + Sync)>) = match &part {
+            Some((queue, filter)) => (format!(" WHERE {filter}"), vec![queue]),
+            None => (String::new(), Vec::new()),
+        };
         let sql = format!(
-            "SELECT {key_expr} COLLATE \"C\" AS k, ARRAY[{}]::text[] AS v FROM ONLY {table} t ORDER BY 1",
+            "SELECT {key_expr} COLLATE \"C\" AS k, ARRAY[{}]::text[] AS v FROM ONLY {table} t{filter} ORDER BY 1",
             vals.join(", ")
         );
         let portal = tx
-            .bind(sql.as_str(), &[])
+            .bind(sql.as_str(), &params)
             .ctx(|| format!("cannot read {table}"))?;
         Ok(Side {
             tx,
@@ -147,16 +153,13 @@ pub fn repair(cfg: &WorkerConfig, args: &[String], opts: &Opts, apply: bool) -> 
             .filter(|c| dcols.contains(c))
             .cloned()
             .collect();
-        let ltx = local
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .ctx(|| "cannot begin on this node".into())?;
-        let mut a = Side::open(ptx, &src, &keys, &cols)?;
-        let mut b = Side::open(ltx, &dest, &keys, &cols)?;
-        let mut fix = if apply {
-            Some(fixer.transaction().ctx(|| "cannot begin the fix".into())?)
+        let origin_key: Option<String> = if t.merged {
+            Some(
+                local
+                    .query_one("SELECT londiste.merge_part_filter($1, 't')", &[&dest])
+                    .ctx(|| format!("cannot read the key of merged table {dest}"))?
+                    .get(0),
+            )
         } else {
             None
         };
@@ -164,6 +167,33 @@ pub fn repair(cfg: &WorkerConfig, args: &[String], opts: &Opts, apply: bool) -> 
             .iter()
             .filter_map(|k| cols.iter().position(|c| c == k))
             .collect();
+        let ltx = local
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .ctx(|| "cannot begin on this node".into())?;
+        let part = origin_key.as_deref().map(|k| (cfg.queue_name.as_str(), k));
+        let mut a = Side::open(ptx, &src, &keys, &cols, None)?;
+        let mut b = Side::open(ltx, &dest, &keys, &cols, part)?;
+        // Fixes of a merged table keep the row origins in step.
+        let owner = |v: &[Option<String>], queue: Option<&str>| -> String {
+            if !t.merged {
+                return String::new();
+            }
+            let vals: Vec<String> = key_pos.iter().map(|&i| literal(&v[i])).collect();
+            format!(
+                " SELECT londiste.merge_set_owner({}, ARRAY[{}]::text[], {});",
+                literal(&Some(dest.clone())),
+                vals.join(", "),
+                literal(&queue.map(str::to_string))
+            )
+        };
+        let mut fix = if apply {
+            Some(fixer.transaction().ctx(|| "cannot begin the fix".into())?)
+        } else {
+            None
+        };
         let where_ = |v: &[Option<String>]| -> String {
             key_pos
                 .iter()
@@ -203,19 +233,23 @@ pub fn repair(cfg: &WorkerConfig, args: &[String], opts: &Opts, apply: bool) -> 
                 }
                 (Some((ka, va)), Some((kb, _))) if ka.as_bytes() < kb.as_bytes() => {
                     ins += 1;
-                    let s = insert_sql(&dest, &names, va);
+                    let s = insert_sql(&dest, &names, va) + &owner(va, Some(&cfg.queue_name));
                     x = a.next()?;
                     Some(s)
                 }
                 (Some((_, va)), None) => {
                     ins += 1;
-                    let s = insert_sql(&dest, &names, va);
+                    let s = insert_sql(&dest, &names, va) + &owner(va, Some(&cfg.queue_name));
                     x = a.next()?;
                     Some(s)
                 }
                 (_, Some((_, vb))) => {
                     del += 1;
-                    let s = format!("DELETE FROM {dest} WHERE {};", where_(vb));
+                    let s = format!(
+                        "DELETE FROM {dest} WHERE {};{}",
+                        where_(vb),
+                        owner(vb, None)
+                    );
                     y = b.next()?;
                     Some(s)
                 }

@@ -1,11 +1,11 @@
 //! Table commands: add-table, remove-table, resync, tables, missing.
 
 use super::nodes::{provider_chain, wait_sync};
-use super::{Opts, connect_local, remote, resolve, table_exists};
+use super::{Opts, canonical_names, connect_local, consolidate, remote, resolve, table_exists};
 use crate::config::WorkerConfig;
 use crate::db;
 use crate::error::{Context, Error, Result};
-use crate::names::{fq_name, split_qualified};
+use crate::names::split_qualified;
 use crate::replication::node;
 use postgres::Client;
 
@@ -76,6 +76,17 @@ pub fn add_table(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()>
 fn add_tables(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     let mut c = connect_local(cfg)?;
     let n = node::require(&mut c, &cfg.queue_name, &cfg.command_hint())?;
+    let mut merge_all_tables: Vec<String> = Vec::new();
+    if opts.dest_table.is_some() && opts.dest_schema.is_some() {
+        return Err(Error::Usage(
+            "--dest-table and --dest-schema exclude each other: one names the table, the other only its schema".into(),
+        ));
+    }
+    if (opts.merge_all || opts.no_merge || opts.dest_schema.is_some()) && n.is_root() {
+        return Err(Error::Usage(
+            "--merge-all, --no-merge and --dest-schema are for subscriber nodes: add the table on the root without them".into(),
+        ));
+    }
     if opts.dest_table.is_some() && (opts.all || args.len() != 1) {
         return Err(Error::Usage(
             "--dest-table works with exactly one table".into(),
@@ -124,6 +135,14 @@ fn add_tables(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
         .cloned()
         .collect();
     let names = resolve(args, &pool, opts, "table")?;
+    if opts.merge_all {
+        // Named tables already added here still go to the other queues.
+        let extra: Vec<String> = canonical_names(args)?
+            .into_iter()
+            .filter(|t| have.contains(t) && !names.contains(t))
+            .collect();
+        merge_all_tables = names.iter().cloned().chain(extra).collect();
+    }
     if names.is_empty() && opts.all {
         log::info!("nothing to add: every table of the provider is already added here");
     }
@@ -170,13 +189,11 @@ fn add_tables(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
             }
             return Err(Error::Other(msg));
         }
-        let dest = opts.dest_table.clone().map(|d| {
-            let (s, tt) = split_qualified(&d).unwrap_or(("public".into(), d.clone()));
-            fq_name(&s, &tt)
-        });
+        let dest = consolidate::dest_for(cfg, opts, &t)?;
         let local_name = dest.clone().unwrap_or_else(|| t.clone());
         if !table_exists(&mut c, &local_name)? {
             if opts.create || opts.create_full {
+                consolidate::ensure_schema(&mut c, &local_name)?;
                 create_from_provider(&mut p, &mut c, &t, &local_name, opts.create_full)?;
             } else if opts.skip_non_existing {
                 log::warn!("table {local_name} does not exist on this node; skipped");
@@ -199,14 +216,16 @@ fn add_tables(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
                 "table {local_name} has no primary key on this node: updates cannot be applied; add the same primary key as on the provider"
             )));
         }
+        let merged = opts.merge_all || opts.no_merge;
+        consolidate::check_feeders(&mut c, &cfg.queue_name, &local_name, merged, opts)?;
         let state: Option<&str> = if opts.expect_sync { Some("ok") } else { None };
         let attrs: Option<String> = opts.copy_node.as_ref().map(|n| format!("copy_node={n}"));
         let mut tx = c.transaction().ctx(|| "cannot begin".into())?;
         tx.execute(
             "INSERT INTO londiste.table_info (queue_name, table_name, dest_table, local, merge_state, skip_truncate,
-                                              key_columns, table_attrs)
-             VALUES ($1, $2, $3, true, $4, $5, $6, $7)",
-            &[&cfg.queue_name, &t, &dest, &state, &opts.skip_truncate, &opts.keys, &attrs],
+                                              key_columns, table_attrs, merged)
+             VALUES ($1, $2, $3, true, $4, $5, $6, $7, $8)",
+            &[&cfg.queue_name, &t, &dest, &state, &opts.skip_truncate, &opts.keys, &attrs, &merged],
         )
         .ctx(|| format!("cannot add table {t}"))?;
         if !opts.no_triggers {
@@ -229,6 +248,10 @@ fn add_tables(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
     // Wake the worker now instead of at its next loop_delay: it listens for
     // ticks on the provider.
     let _ = p.execute("SELECT pg_notify('pgq_tick', $1)", &[&cfg.queue_name]);
+    if opts.merge_all {
+        drop(c);
+        consolidate::add_other_queues(cfg, &merge_all_tables, opts)?;
+    }
     if opts.wait_sync {
         wait_sync(cfg)?;
     }

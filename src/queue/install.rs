@@ -17,7 +17,9 @@ const LONDISTE_SQL: &str = concat!(
     "\n",
     include_str!("../sql/cascade.sql"),
     "\n",
-    include_str!("../sql/execute.sql")
+    include_str!("../sql/execute.sql"),
+    "\n",
+    include_str!("../sql/merge.sql")
 );
 
 /// The files each component's script is made of, in order, for error positions.
@@ -32,6 +34,7 @@ fn script_files(component: &str) -> Vec<(&'static str, &'static str)> {
             ("londiste.sql", include_str!("../sql/londiste.sql")),
             ("cascade.sql", include_str!("../sql/cascade.sql")),
             ("execute.sql", include_str!("../sql/execute.sql")),
+            ("merge.sql", include_str!("../sql/merge.sql")),
         ]
     }
 }
@@ -39,7 +42,7 @@ fn script_files(component: &str) -> Vec<(&'static str, &'static str)> {
 /// Bump when a script changes; an older installed version is upgraded by
 /// re-running the (idempotent) script.
 pub const PGQ_VERSION: i32 = 8;
-pub const LONDISTE_VERSION: i32 = 7;
+pub const LONDISTE_VERSION: i32 = 8;
 
 const LOCK_KEY: i64 = 0x6c6f_6e64_6973; // "londis"
 

@@ -12,12 +12,14 @@
 
 use crate::error::{Context, Error, Result};
 use crate::names::{ident, split_qualified};
+use crate::replication::merge::{self, MergePart};
 use crate::replication::record::{
     Snapshot, parse_columns, parse_record, parse_text_array, split_rows,
 };
 use postgres::{Statement, Transaction};
 use std::collections::HashMap;
 
+mod origins;
 mod stream;
 
 /// One event as read from the provider's queue.
@@ -42,6 +44,8 @@ pub struct TableRoute {
     pub dest: String,
     /// Events visible in this copy snapshot are already in the copied data.
     pub skip_snapshot: Option<Snapshot>,
+    /// Set when the table is merged from several queues (see merge.rs).
+    pub merge: Option<MergePart>,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +76,7 @@ struct Group<'a> {
     cols: &'a str,
     keys: &'a str,
     events: Vec<&'a Event>,
+    merge: Option<MergePart>,
 }
 
 /// Counters for the stats line.
@@ -85,6 +90,8 @@ pub struct ApplyStats {
 pub struct Applier {
     meta: HashMap<String, TableMeta>,
     stmts: HashMap<String, Statement>,
+    /// The origin map of each merged table written so far.
+    merge_maps: HashMap<String, String>,
     /// May events of different tables be regrouped (see module doc)?
     pub reorder: bool,
     /// One statement per event: used to pinpoint the failing event after an error.
@@ -103,6 +110,7 @@ impl Applier {
         Applier {
             meta: HashMap::new(),
             stmts: HashMap::new(),
+            merge_maps: HashMap::new(),
             reorder: false,
             single: false,
             stats: ApplyStats::default(),
@@ -113,6 +121,7 @@ impl Applier {
     pub fn reset(&mut self) {
         self.meta.clear();
         self.stmts.clear();
+        self.merge_maps.clear();
     }
 
     /// Applies a chunk of events. `route` says where a queue table's events go
@@ -159,6 +168,11 @@ impl Applier {
                 // TRUNCATE: a barrier, as it may cascade to other tables.
                 self.flush(tx, &mut order, &mut buckets)?;
                 last_table = None;
+                if let Some(m) = &r.merge {
+                    merge::truncate(tx, &r.dest, m, ev.id)?;
+                    self.stats.statements += 1;
+                    continue;
+                }
                 let sql = format!("TRUNCATE {} CASCADE", r.dest);
                 tx.batch_execute(&sql)
                     .ctx(|| format!("[ev_id={}] cannot truncate {}", ev.id, r.dest))?;
@@ -189,6 +203,7 @@ impl Applier {
                     cols,
                     keys,
                     events: vec![ev],
+                    merge: r.merge.clone(),
                 });
             }
         }
@@ -372,6 +387,9 @@ impl Applier {
                     }
                 }
             }
+        }
+        if let Some(m) = &g.merge {
+            self.record_origins(tx, g, m, &used, &rows, &key_cols, &where_())?;
         }
         if g.kind == Kind::Insert && !self.single && rows.len() >= COPY_MIN_ROWS {
             return self.copy_rows(tx, g, &used, &rows, &where_());

@@ -126,7 +126,7 @@ pub fn run(cfg: &WorkerConfig, table: &str, stop: &AtomicBool) -> Result<()> {
 
     if state.merge_state.as_deref() != Some("catching-up") {
         log::info!("copy {table} from {}", db::describe(&src_loc));
-        full_copy(
+        let done = full_copy(
             cfg,
             &mut local,
             &mut src,
@@ -134,10 +134,35 @@ pub fn run(cfg: &WorkerConfig, table: &str, stop: &AtomicBool) -> Result<()> {
             &dest,
             &consumer,
             state.skip_truncate,
+            state.merged,
             stop,
-        )?;
+        );
+        if let (Err(e), true) = (&done, state.merged) {
+            // A key another source wrote: say which, not just "duplicate key".
+            let msg = e.to_string();
+            if let Some(i) = msg.find("Key (")
+                && let Some(j) = msg[i..].find(" already exists.")
+            {
+                let detail = &msg[i..i + j + " already exists.".len()];
+                if let Some(c) = crate::replication::merge::copy_conflict(
+                    &mut local, table, &dest, &queue, detail,
+                ) {
+                    return Err(c);
+                }
+            }
+        }
+        done?;
     }
-    catch_up(&mut local, &mut src, &queue, table, &dest, &consumer, stop)?;
+    catch_up(
+        &mut local,
+        &mut src,
+        &queue,
+        table,
+        &dest,
+        &consumer,
+        cfg.merge_truncate,
+        stop,
+    )?;
     // Statistics for the planner, after the hand-over: not on the way to "ok".
     if let Err(e) = local.batch_execute(&format!("ANALYZE {dest}")) {
         log::warn!(
@@ -157,6 +182,7 @@ fn full_copy(
     dest: &str,
     consumer: &str,
     skip_truncate: bool,
+    merged: bool,
     stop: &AtomicBool,
 ) -> Result<()> {
     let queue = &cfg.queue_name;
@@ -260,7 +286,14 @@ fn full_copy(
     } else {
         "ONLY "
     };
-    if !skip_truncate {
+    // A merged table is emptied only by the first source's copy; a later one
+    // replaces its own rows and leaves the other sources' alone.
+    let truncate = if merged {
+        crate::replication::merge::prepare_copy(&mut ltx, queue, dest)?
+    } else {
+        !skip_truncate
+    };
+    if truncate {
         let only = if partitioned { "" } else { "ONLY " };
         ltx.batch_execute(&format!("TRUNCATE {only}{dest} CASCADE"))
             .ctx(|| format!("cannot truncate {dest}"))?;
@@ -278,7 +311,7 @@ fn full_copy(
             .ctx(|| format!("cannot COPY {table} out of the source"))?;
         // Rows of a table truncated in this transaction can be written frozen:
         // no hint-bit writes or freezing vacuum later. Not for partitioned tables.
-        let freeze = if skip_truncate || partitioned {
+        let freeze = if !truncate || partitioned {
             ""
         } else {
             " (FREEZE)"
@@ -338,6 +371,9 @@ fn full_copy(
         rows.load(Ordering::Relaxed) as i64,
         bytes.load(Ordering::Relaxed) as i64,
     );
+    if merged {
+        crate::replication::merge::claim_copied(&mut ltx, queue, dest)?;
+    }
     ltx.execute(
         "UPDATE londiste.table_info SET merge_state = 'catching-up', custom_snapshot = $3, copy_tick = $4,
                 copy_rows = $5, copy_bytes = $6, copy_estimate = $7, copy_finished = now()
@@ -373,6 +409,7 @@ fn columns<C: postgres::GenericClient>(c: &mut C, table: &str) -> Result<Vec<(St
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn catch_up(
     local: &mut Client,
     src: &mut Client,
@@ -380,6 +417,7 @@ fn catch_up(
     table: &str,
     dest: &str,
     consumer: &str,
+    merge_truncate: bool,
     stop: &AtomicBool,
 ) -> Result<()> {
     let mut applier = Applier::new();
@@ -458,11 +496,16 @@ fn catch_up(
         }
         let mut tx = local.transaction().ctx(|| "cannot begin catch-up".into())?;
         let route_snapshot = snapshot.clone();
+        let merge = state.merged.then(|| crate::replication::merge::MergePart {
+            queue: queue.to_string(),
+            truncate: merge_truncate,
+        });
         let dest_s = dest.to_string();
         let route = move |t: &str| {
             (t == table).then(|| TableRoute {
                 dest: dest_s.clone(),
                 skip_snapshot: Some(route_snapshot.clone()),
+                merge: merge.clone(),
             })
         };
         let never = || stop.load(Ordering::Relaxed);

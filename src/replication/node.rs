@@ -93,6 +93,8 @@ pub struct TableState {
     pub copy_seconds: Option<f64>,
     pub key_columns: Option<Vec<String>>,
     pub copy_error: Option<String>,
+    /// A part of a merged table (several queues write into the destination).
+    pub merged: bool,
 }
 
 pub fn tables<C: GenericClient>(c: &mut C, queue: &str) -> Result<Vec<TableState>> {
@@ -101,8 +103,8 @@ pub fn tables<C: GenericClient>(c: &mut C, queue: &str) -> Result<Vec<TableState
             "SELECT table_name, dest_table, local, merge_state, custom_snapshot, copy_tick, skip_truncate,
                     copy_rows, copy_bytes, copy_estimate,
                     extract(epoch FROM coalesce(copy_finished, now()) - copy_started)::float8, key_columns,
-                    copy_error
-               FROM londiste.table_info WHERE queue_name = $1 ORDER BY table_name",
+                    copy_error, coalesce((to_jsonb(t) ->> 'merged')::bool, false)
+               FROM londiste.table_info t WHERE queue_name = $1 ORDER BY table_name",
             &[&queue],
         )
         .ctx(|| "cannot read londiste.table_info".into())?;
@@ -122,6 +124,7 @@ pub fn tables<C: GenericClient>(c: &mut C, queue: &str) -> Result<Vec<TableState
             copy_seconds: r.get(10),
             key_columns: r.get(11),
             copy_error: r.get(12),
+            merged: r.get(13),
         })
         .collect())
 }

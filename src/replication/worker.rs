@@ -472,6 +472,10 @@ impl Worker {
                         TableRoute {
                             dest: local_name(&t.table_name, t.dest_table.as_deref())?,
                             skip_snapshot: skip,
+                            merge: t.merged.then(|| crate::replication::merge::MergePart {
+                                queue: queue.clone(),
+                                truncate: self.cfg.merge_truncate,
+                            }),
                         },
                     );
                 }
@@ -637,7 +641,12 @@ impl Worker {
         let c = self.local()?;
         let rows = c
             .query(
-                "SELECT from_table, fkey_name FROM londiste.pending_fkeys ORDER BY dropped_at",
+                // Not while a part of a merged table is still being copied
+                // by some queue's worker: its keys come back after all parts.
+                "SELECT from_table, fkey_name FROM londiste.pending_fkeys
+                  WHERE NOT EXISTS (SELECT 1 FROM londiste.table_info
+                                     WHERE merged AND local AND merge_state IS DISTINCT FROM 'ok')
+                  ORDER BY dropped_at",
                 &[],
             )
             .ctx(|| "cannot read pending foreign keys".into())?;
