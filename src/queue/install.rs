@@ -10,7 +10,9 @@ use postgres::{Client, GenericClient};
 const PGQ_SQL: &str = concat!(
     include_str!("../sql/pgq.sql"),
     "\n",
-    include_str!("../sql/capture.sql")
+    include_str!("../sql/capture.sql"),
+    "\n",
+    include_str!("../sql/pgq_triggers.sql")
 );
 const LONDISTE_SQL: &str = concat!(
     include_str!("../sql/londiste.sql"),
@@ -68,7 +70,10 @@ fn locate(component: &str, sql: &str, pos: u32) -> String {
         "londiste.sql"
     };
     let pgq_lines = include_str!("../sql/pgq.sql").lines().count() + 1;
-    if component == "pgq" && line > pgq_lines {
+    let capture_lines = include_str!("../sql/capture.sql").lines().count() + 1;
+    if component == "pgq" && line > pgq_lines + capture_lines {
+        (file, line) = ("pgq_triggers.sql", line - pgq_lines - capture_lines);
+    } else if component == "pgq" && line > pgq_lines {
         (file, line) = ("capture.sql", line - pgq_lines);
     }
     let start = before.rfind('\n').map_or(0, |i| i + 1);
