@@ -12,8 +12,17 @@ const PGQ_SQL: &str = concat!(
     "\n",
     include_str!("../sql/capture.sql"),
     "\n",
-    include_str!("../sql/pgq_triggers.sql")
+    include_str!("../sql/pgq_triggers.sql"),
+    "\n",
+    include_str!("../sql/pgq_grants.sql")
 );
+/// The files of PGQ_SQL, in order, so an install error can name its file.
+const PGQ_FILES: &[(&str, &str)] = &[
+    ("pgq.sql", include_str!("../sql/pgq.sql")),
+    ("capture.sql", include_str!("../sql/capture.sql")),
+    ("pgq_triggers.sql", include_str!("../sql/pgq_triggers.sql")),
+    ("pgq_grants.sql", include_str!("../sql/pgq_grants.sql")),
+];
 const LONDISTE_SQL: &str = concat!(
     include_str!("../sql/londiste.sql"),
     "\n",
@@ -64,17 +73,17 @@ fn where_in_script(component: &str, sql: &str, e: &postgres::Error) -> String {
 fn locate(component: &str, sql: &str, pos: u32) -> String {
     let before: String = sql.chars().take((pos as usize).saturating_sub(1)).collect();
     let mut line = before.matches('\n').count() + 1;
-    let mut file = if component == "pgq" {
-        "pgq.sql"
-    } else {
-        "londiste.sql"
-    };
-    let pgq_lines = include_str!("../sql/pgq.sql").lines().count() + 1;
-    let capture_lines = include_str!("../sql/capture.sql").lines().count() + 1;
-    if component == "pgq" && line > pgq_lines + capture_lines {
-        (file, line) = ("pgq_triggers.sql", line - pgq_lines - capture_lines);
-    } else if component == "pgq" && line > pgq_lines {
-        (file, line) = ("capture.sql", line - pgq_lines);
+    let mut file = "londiste.sql";
+    if component == "pgq" {
+        // Each file is followed by the "\n" that joins it to the next.
+        for (name, text) in PGQ_FILES {
+            file = name;
+            let n = text.lines().count() + 1;
+            if line <= n {
+                break;
+            }
+            line -= n;
+        }
     }
     let start = before.rfind('\n').map_or(0, |i| i + 1);
     let text = sql[start..].lines().next().unwrap_or("").trim();
@@ -134,6 +143,15 @@ pub fn install_all(c: &mut Client) -> Result<bool> {
     let a = install_pgq(c)?;
     let b = install_component(c, "londiste", LONDISTE_SQL, LONDISTE_VERSION)?;
     Ok(a || b)
+}
+
+/// What the permission model (roles pgq_reader, pgq_writer, pgq_admin and
+/// their grants) still lacks in this database, one line each with its fix.
+pub fn missing_grants(c: &mut Client) -> Result<Vec<String>> {
+    let rows = c
+        .query("SELECT pgq.missing_grants()", &[])
+        .ctx(|| "cannot check the pgq roles and grants".into())?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// Upgrades what is installed and older than this binary; installs nothing new.

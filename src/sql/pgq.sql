@@ -236,6 +236,8 @@ BEGIN
     INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq, tick_snapshot)
     VALUES (qid, nextval(pfx || '_tick_seq'), 0, pgq._tick_snapshot());
     PERFORM pgq._regen_insert_event();
+    -- The roles' rights on the new tables (pgq_grants.sql).
+    PERFORM pgq._grant_queue(q) FROM pgq.queue q WHERE q.queue_id = qid;
     RETURN 1;
 END $$;
 
@@ -244,6 +246,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     q pgq.queue;
     tbl record;
+    i int4;
 BEGIN
     q := pgq._queue(i_queue_name);
     -- The ticker locks the same row: no tick can be added between deleting the
@@ -266,6 +269,10 @@ BEGIN
         EXECUTE format('DROP FUNCTION %s', tbl.fn);
     END LOOP;
     DELETE FROM pgq.tick WHERE tick_queue = q.queue_id;
+    -- The event tables one by one (a CASCADE would say NOTICE for each).
+    FOR i IN 0 .. q.queue_ntables - 1 LOOP
+        EXECUTE format('DROP TABLE IF EXISTS %s_%s', q.queue_data_pfx, i);
+    END LOOP;
     EXECUTE format('DROP TABLE %s CASCADE', q.queue_data_pfx);
     EXECUTE format('DROP SEQUENCE %s', q.queue_event_seq);
     EXECUTE format('DROP SEQUENCE %s', q.queue_tick_seq);
