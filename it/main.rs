@@ -18,6 +18,7 @@ mod cutover;
 mod daemon;
 mod options;
 mod pgq;
+mod pgq_producers;
 mod random;
 mod reload;
 mod repair;

@@ -37,9 +37,11 @@ RETURNS SETOF record LANGUAGE sql STABLE AS $$
         ('pgq_writer', 'pgq.insert_event(text,text,text)'), ('pgq_writer', 'pgq.insert_event(text,text,text,text,text,text,text)'),
         ('pgq_writer', 'pgq.current_event_table(text)'), ('pgq_writer', 'pgq.jsontriga()'),
         ('pgq_writer', 'pgq.sqltriga()'), ('pgq_writer', 'pgq.logutriga()'),
-        -- what the triggers call as the writing user
-        ('pgq_writer', 'pgq._producer_prepare(text,oid,text,text,text,text,text,text[])'),
-        ('pgq_writer', 'pgq._urlencode(text)'), ('pgq_writer', 'pgq.table_pkey(regclass)'),
+        -- What the triggers call as the writing user before insert_event
+        -- (read-only): a user who may not produce is refused at
+        -- insert_event, as with PgQ's own triggers.
+        ('public', 'pgq._producer_prepare(text,oid,text,text,text,text,text,text[])'),
+        ('public', 'pgq._urlencode(text)'), ('public', 'pgq.table_pkey(regclass)'),
         ('pgq_admin', 'pgq.ticker(text,bigint,timestamptz,bigint)'), ('pgq_admin', 'pgq.ticker(text)'),
         ('pgq_admin', 'pgq.ticker()'), ('pgq_admin', 'pgq.maint_retry_events()'),
         ('pgq_admin', 'pgq.maint_rotate_tables_step1(text)'), ('pgq_admin', 'pgq.maint_rotate_tables_step2()'),
