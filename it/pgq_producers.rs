@@ -584,6 +584,26 @@ fn roles_separate_producers_consumers_and_admins() {
             ("I:id".to_string(), "id=1&v=via+trigger".to_string())
         ]
     );
+    // A cursor's extra_where runs with the consumer's rights, not the owner's.
+    let mut tx = k.transaction().unwrap();
+    let n_direct: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM pgq.get_batch_cursor($1, 'cur', 10, 'ev_type = ''direct''')",
+            &[&b],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(n_direct, 1);
+    let e = tx
+        .batch_execute(&format!(
+            "CLOSE cur; SELECT * FROM pgq.get_batch_cursor({b}, 'c2', 10, 'pgq.create_queue(''evil'') > 0')"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        e.as_db_error().unwrap().message(),
+        "permission denied for function create_queue"
+    );
+    drop(tx);
     k.execute("SELECT pgq.finish_batch($1)", &[&b]).unwrap();
     a.batch_execute("SELECT pgq.drop_queue('pq', true)")
         .unwrap();

@@ -161,7 +161,10 @@ DECLARE
     f regprocedure;
 BEGIN
     -- (Not those that only read what their callers may read anyway, nor
-    -- seq_setval, whose argument is resolved with the caller's search_path.)
+    -- seq_setval, whose argument is resolved with the caller's search_path,
+    -- nor the batch readers: get_batch_cursor runs its caller's extra_where,
+    -- which must not run with the owner's rights; readers have SELECT on the
+    -- event tables instead.)
     FOR f IN SELECT fn FROM pgq._role_functions()
               WHERE role <> 'public' AND fn::text NOT LIKE '%triga()' AND fn::text NOT LIKE 'pgq.\_%'
                 AND fn::text NOT IN ('pgq.table_pkey(regclass)', 'pgq.seq_setval(text,bigint)',
@@ -169,7 +172,8 @@ BEGIN
                                      'pgq.get_batch_info(bigint)', 'pgq.maint_tables_to_vacuum()',
                                      'pgq.current_event_table(text)', 'pgq.insert_event(text,text,text)',
                                      'pgq.insert_event_raw(text,bigint,timestamp with time zone,integer,integer,text,text,text,text,text,text)')
-                AND fn::text NOT LIKE 'pgq.find_tick_helper(%' LOOP
+                AND fn::text NOT LIKE 'pgq.find_tick_helper(%'
+                AND fn::text NOT LIKE 'pgq.get_batch_events(%' AND fn::text NOT LIKE 'pgq.get_batch_cursor(%' LOOP
         EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = pg_catalog, pg_temp', f);
     END LOOP;
 END $do$;
