@@ -41,7 +41,7 @@ RETURNS SETOF record LANGUAGE sql STABLE AS $$
         -- (read-only): a user who may not produce is refused at
         -- insert_event, as with PgQ's own triggers.
         ('public', 'pgq._producer_prepare(text,oid,text,text,text,text,text,text[])'),
-        ('public', 'pgq._urlencode(text)'), ('public', 'pgq.table_pkey(regclass)'),
+        ('public', 'pgq._urlencode(text)'),
         ('pgq_admin', 'pgq.ticker(text,bigint,timestamptz,bigint)'), ('pgq_admin', 'pgq.ticker(text)'),
         ('pgq_admin', 'pgq.ticker()'), ('pgq_admin', 'pgq.maint_retry_events()'),
         ('pgq_admin', 'pgq.maint_rotate_tables_step1(text)'), ('pgq_admin', 'pgq.maint_rotate_tables_step2()'),
@@ -167,7 +167,7 @@ BEGIN
     -- event tables instead.)
     FOR f IN SELECT fn FROM pgq._role_functions()
               WHERE role <> 'public' AND fn::text NOT LIKE '%triga()' AND fn::text NOT LIKE 'pgq.\_%'
-                AND fn::text NOT IN ('pgq.table_pkey(regclass)', 'pgq.seq_setval(text,bigint)',
+                AND fn::text NOT IN ('pgq.seq_setval(text,bigint)',
                                      'pgq.batch_event_sql(bigint)', 'pgq.batch_event_tables(bigint)',
                                      'pgq.get_batch_info(bigint)', 'pgq.maint_tables_to_vacuum()',
                                      'pgq.current_event_table(text)', 'pgq.insert_event(text,text,text)',

@@ -35,12 +35,22 @@
 -- URL encoding as PgQ writes it: unreserved characters stay, a space becomes
 -- '+', every other byte (UTF-8) %xx in lower case.
 CREATE OR REPLACE FUNCTION pgq._urlencode(val text) RETURNS text
-LANGUAGE sql IMMUTABLE STRICT AS $$
+LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+-- (PL/pgSQL, not SQL: its plans are kept for the session, where an SQL
+-- function's body would be planned again in every trigger's query.)
+DECLARE
+    res text;
+BEGIN
+    IF val ~ '^[-_.A-Za-z0-9]*$' THEN
+        RETURN val;
+    END IF;
     SELECT coalesce(string_agg(m.p[1] || replace(regexp_replace(encode(convert_to(m.p[2], 'UTF8'), 'hex'),
                                                                 '(..)', '%\1', 'g'), '%20', '+'),
                                '' ORDER BY m.i), '')
-      FROM regexp_matches(val, '([-_.A-Za-z0-9]*)([^-_.A-Za-z0-9]*)', 'g') WITH ORDINALITY AS m(p, i)
-$$;
+      INTO res
+      FROM regexp_matches(val, '([-_.A-Za-z0-9]*)([^-_.A-Za-z0-9]*)', 'g') WITH ORDINALITY AS m(p, i);
+    RETURN res;
+END $$;
 
 -- Everything about one firing that does not depend on the row's values:
 -- checks the arguments and the table, and returns the query that renders the
@@ -128,7 +138,12 @@ BEGIN
         END IF;
     END IF;
     IF pkey_list IS NULL THEN
-        pkey_list := coalesce(pgq.table_pkey(i_relid), '{}');
+        -- The primary key in key order (static SQL: a plan kept for the session).
+        SELECT coalesce(array_agg(a.attname::text ORDER BY k.ord), '{}') INTO pkey_list
+          FROM pg_index x
+          CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY AS k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum
+         WHERE x.indrelid = i_relid AND x.indisprimary;
     END IF;
     IF i_op IN ('UPDATE', 'DELETE') AND cardinality(pkey_list) = 0 THEN
         RAISE EXCEPTION 'Update/Delete on table without pkey';
