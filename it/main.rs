@@ -18,6 +18,7 @@ mod cutover;
 mod daemon;
 mod options;
 mod pgq;
+mod pgq_grants;
 mod pgq_producers;
 mod random;
 mod reload;
