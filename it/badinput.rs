@@ -1015,12 +1015,17 @@ fn wrong_password() {
         EX_UNAVAILABLE,
         &["password authentication failed", "password=***"],
     );
-    // Now the schemas exist, owned by postgres: the role may not use them.
+    // Now the schemas exist, owned by postgres: the role may not use them
+    // (schema pgq, like PgQ's, lets PUBLIC read queue information; londiste's
+    // state is the owner's).
     fails(
         &["right.ini", "node-info"],
         d,
         1,
-        &["permission denied", "pgq", "grant the connecting role"],
+        &[
+            "permission denied for schema londiste",
+            "grant the connecting role",
+        ],
     );
     for f in ["log/x.log", "log/ok.log", "log/r.log", "londiste3.console"] {
         let text = std::fs::read_to_string(d.join(f)).unwrap_or_default();

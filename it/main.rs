@@ -20,6 +20,8 @@ mod daemon;
 mod execute;
 mod options;
 mod pgq;
+mod pgq_grants;
+mod pgq_producers;
 mod random;
 mod reload;
 mod repair;

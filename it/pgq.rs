@@ -1031,7 +1031,7 @@ fn ticker_call(c: &mut Client, queue: &str) -> TickerCall {
     let mut tx = c.transaction().unwrap();
     let r = tx
         .query_one(
-            "SELECT pgq.seq_getval(q.queue_event_seq) - t.tick_event_seq,
+            "SELECT pgq._seq_last(q.queue_event_seq) - t.tick_event_seq,
                     extract(epoch FROM now() - t.tick_time)::float8,
                     coalesce(extract(epoch FROM t.tick_time - (
                         SELECT p.tick_time FROM pgq.tick p

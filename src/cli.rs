@@ -369,6 +369,10 @@ fn run_londiste(args: &[String]) -> Result<()> {
         "install" => {
             let mut cl = crate::db::connect(&cfg.db, "londiste-rs admin")?;
             crate::queue::install::install_all(&mut cl)?;
+            // The permission model's roles: say what is missing and how to fix it.
+            for line in crate::queue::install::missing_grants(&mut cl)? {
+                log::warn!("{line}");
+            }
             log::info!("Done");
             Ok(())
         }

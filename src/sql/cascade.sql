@@ -136,7 +136,7 @@ BEGIN
     -- Unconditional: the new root must reach exactly this tick.
     tick := nextval(q.queue_tick_seq);
     INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq, tick_snapshot)
-    VALUES (q.queue_id, tick, pgq.seq_getval(q.queue_event_seq), pgq._tick_snapshot());
+    VALUES (q.queue_id, tick, pgq._seq_last(q.queue_event_seq), pgq._tick_snapshot());
     UPDATE londiste.node_info SET fenced_to = i_new_node, fence_tick = tick WHERE queue_name = i_queue_name;
     PERFORM pg_notify('pgq_tick', i_queue_name);
     RETURN tick;
@@ -204,7 +204,7 @@ BEGIN
          WHERE tick_queue = q.queue_id AND tick_id = i_tick;
         IF NOT FOUND THEN
             INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq, tick_snapshot)
-            VALUES (q.queue_id, i_tick, pgq.seq_getval(q.queue_event_seq), pgq._tick_snapshot());
+            VALUES (q.queue_id, i_tick, pgq._seq_last(q.queue_event_seq), pgq._tick_snapshot());
         END IF;
         DELETE FROM pgq.tick WHERE tick_queue = q.queue_id AND tick_id > i_tick;
     END IF;

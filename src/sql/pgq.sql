@@ -108,9 +108,21 @@ CREATE INDEX IF NOT EXISTS rq_retry_idx ON pgq.retry_queue (ev_retry_after);
 CREATE OR REPLACE FUNCTION pgq.version() RETURNS text
 LANGUAGE sql IMMUTABLE AS $$ SELECT '3.5.2'::text $$;
 
--- The last value handed out: a fresh sequence (not yet called) has handed out
--- none, so an empty queue has no "new events".
+-- PgQ's seq_getval: the sequence's last_value, which for a fresh sequence is
+-- its start value although nothing was handed out yet.
 CREATE OR REPLACE FUNCTION pgq.seq_getval(i_seq_name text) RETURNS bigint
+LANGUAGE plpgsql STRICT AS $$
+DECLARE res bigint;
+BEGIN
+    EXECUTE format('SELECT last_value FROM %s', pgq.quote_fqname(i_seq_name)) INTO res;
+    RETURN res;
+END $$;
+
+-- The last value handed out: a fresh sequence (not yet called) has handed out
+-- none, so an empty queue has no "new events", and the first event of a queue
+-- counts as new (with seq_getval's value it would not, and the ticker would
+-- wait for the idle period before ticking it).
+CREATE OR REPLACE FUNCTION pgq._seq_last(i_seq_name text) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE res bigint;
 BEGIN
@@ -124,7 +136,7 @@ CREATE OR REPLACE FUNCTION pgq.seq_setval(i_seq_name text, i_new_value bigint) R
 LANGUAGE plpgsql AS $$
 DECLARE cur bigint;
 BEGIN
-    cur := pgq.seq_getval(i_seq_name);
+    cur := pgq._seq_last(i_seq_name);
     IF cur < i_new_value THEN
         PERFORM setval(i_seq_name, i_new_value);
         RETURN i_new_value;
@@ -224,6 +236,8 @@ BEGIN
     INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq, tick_snapshot)
     VALUES (qid, nextval(pfx || '_tick_seq'), 0, pgq._tick_snapshot());
     PERFORM pgq._regen_insert_event();
+    -- The roles' rights on the new tables (pgq_grants.sql).
+    PERFORM pgq._grant_queue(q) FROM pgq.queue q WHERE q.queue_id = qid;
     RETURN 1;
 END $$;
 
@@ -232,6 +246,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     q pgq.queue;
     tbl record;
+    i int4;
 BEGIN
     q := pgq._queue(i_queue_name);
     -- The ticker locks the same row: no tick can be added between deleting the
@@ -254,6 +269,10 @@ BEGIN
         EXECUTE format('DROP FUNCTION %s', tbl.fn);
     END LOOP;
     DELETE FROM pgq.tick WHERE tick_queue = q.queue_id;
+    -- The event tables one by one (a CASCADE would say NOTICE for each).
+    FOR i IN 0 .. q.queue_ntables - 1 LOOP
+        EXECUTE format('DROP TABLE IF EXISTS %s_%s', q.queue_data_pfx, i);
+    END LOOP;
     EXECUTE format('DROP TABLE %s CASCADE', q.queue_data_pfx);
     EXECUTE format('DROP SEQUENCE %s', q.queue_event_seq);
     EXECUTE format('DROP SEQUENCE %s', q.queue_tick_seq);
@@ -297,6 +316,21 @@ BEGIN
     RETURN q.queue_data_pfx || '_' || q.queue_cur_table;
 END $$;
 
+-- queue_per_tx_limit: the events a transaction wrote to a queue are counted in
+-- a transaction-local setting (it reverts at commit, rollback, and with a
+-- rolled-back subtransaction, so only events that can still commit count).
+CREATE OR REPLACE FUNCTION pgq._count_tx_event(q pgq.queue) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    name text := 'pgq.tx_events_' || q.queue_id;
+    n int4 := coalesce(nullif(current_setting(name, true), ''), '0')::int4;
+BEGIN
+    IF n >= q.queue_per_tx_limit THEN
+        RAISE EXCEPTION 'Queue ''%'' allows max % events from one TX', q.queue_name, q.queue_per_tx_limit;
+    END IF;
+    PERFORM set_config(name, (n + 1)::text, true);
+END $$;
+
 -- insert_event_raw is generated: one static INSERT per event table of every
 -- queue, so each session plans them once (an EXECUTE per event re-planned its
 -- INSERT every time: 1.5x slower). Regenerated when a queue is created or
@@ -318,11 +352,16 @@ DECLARE
     id bigint;
 BEGIN
     q := pgq._queue(queue_name);
+    -- The id is taken before the checks, as PgQ does: a refused event still
+    -- uses up its id.
+    id := coalesce(ev_id, nextval(q.queue_event_seq));
     IF q.queue_disable_insert AND current_setting('session_replication_role') <> 'replica'
        AND coalesce(current_setting('londiste.replay', true), '') <> 'on' THEN
         RAISE EXCEPTION 'Insert into queue disallowed';
     END IF;
-    id := coalesce(ev_id, nextval(q.queue_event_seq));
+    IF q.queue_per_tx_limit IS NOT NULL THEN
+        PERFORM pgq._count_tx_event(q);
+    END IF;
     IF false THEN
         NULL;@BRANCHES@
     ELSE
@@ -409,7 +448,7 @@ BEGIN
         IF txid_snapshot_xmin(last.tick_snapshot) > txid_snapshot_xmax(txid_current_snapshot()) THEN
             RAISE EXCEPTION 'Invalid PgQ state: old xmin > cur txid (queue %); was the database restored from a dump into a new cluster?', q.queue_name;
         END IF;
-        cur_seq := pgq.seq_getval(q.queue_event_seq);
+        cur_seq := pgq._seq_last(q.queue_event_seq);
         new_events := cur_seq - last.tick_event_seq;
         lag := now() - last.tick_time;
         IF new_events > 0 THEN
@@ -439,7 +478,7 @@ BEGIN
             END IF;
         END IF;
     ELSE
-        cur_seq := pgq.seq_getval(q.queue_event_seq);
+        cur_seq := pgq._seq_last(q.queue_event_seq);
     END IF;
     res := nextval(q.queue_tick_seq);
     INSERT INTO pgq.tick (tick_queue, tick_id, tick_event_seq, tick_snapshot)
@@ -505,7 +544,7 @@ DECLARE
 BEGIN
     q := pgq._queue(i_queue_name);
     SELECT tick_id INTO last FROM pgq.tick WHERE tick_queue = q.queue_id ORDER BY tick_id DESC LIMIT 1;
-    PERFORM setval(q.queue_event_seq, pgq.seq_getval(q.queue_event_seq) + q.queue_ticker_max_count * 2 + 1000);
+    PERFORM setval(q.queue_event_seq, nextval(q.queue_event_seq) + q.queue_ticker_max_count * 2 + 1000);
     RETURN last;
 END $$;
 
@@ -641,10 +680,8 @@ BEGIN
              WHERE tick_queue = q.queue_id AND tick_id > prev.tick_id ORDER BY tick_id LIMIT 1;
         END IF;
         IF nxt.tick_id IS NULL OR (i_min_lag IS NOT NULL AND nxt.tick_time > now() - i_min_lag) THEN
+            -- No batch: every column NULL, as in PgQ.
             UPDATE pgq.subscription SET sub_active = now() WHERE sub_id = sub.sub_id;
-            prev_tick_id := prev.tick_id;
-            prev_tick_time := prev.tick_time;
-            prev_tick_event_seq := prev.tick_event_seq;
             RETURN;
         END IF;
         batch_id := nextval('pgq.batch_id_seq');
@@ -723,6 +760,41 @@ BEGIN
         sql := sql || format(' UNION ALL SELECT %s FROM %s WHERE ev_txid IN (%s) AND %s', cols, q.queue_data_pfx, xip, owner_filter);
     END IF;
     RETURN sql || ' ORDER BY 1';
+END $$;
+
+-- The event tables that can hold a batch's events (PgQ's API; batch_event_sql
+-- reads the queue's parent table instead, which covers them all). Rotation step
+-- 1 makes the next table current at txid switch_step1; step 2 records the
+-- txid (switch_step2) after which no transaction writes to the old one. A
+-- batch wholly before the switch is in the previous table, one wholly after
+-- step 2 in the current one, any other in both.
+CREATE OR REPLACE FUNCTION pgq.batch_event_tables(x_batch_id bigint) RETURNS SETOF text
+LANGUAGE plpgsql AS $$
+DECLARE
+    q pgq.queue;
+    lo bigint;
+    hi bigint;
+    prev_nr int4;
+BEGIN
+    SELECT txid_snapshot_xmin(a.tick_snapshot), txid_snapshot_xmax(b.tick_snapshot)
+      INTO lo, hi
+      FROM pgq.subscription s
+      JOIN pgq.queue qq ON qq.queue_id = s.sub_queue
+      JOIN pgq.tick a ON a.tick_queue = s.sub_queue AND a.tick_id = s.sub_last_tick
+      JOIN pgq.tick b ON b.tick_queue = s.sub_queue AND b.tick_id = s.sub_next_tick
+     WHERE s.sub_batch = x_batch_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'Cannot find data for batch %', x_batch_id;
+    END IF;
+    SELECT qq.* INTO q FROM pgq.queue qq JOIN pgq.subscription s ON s.sub_queue = qq.queue_id
+     WHERE s.sub_batch = x_batch_id;
+    prev_nr := (q.queue_cur_table + q.queue_ntables - 1) % q.queue_ntables;
+    IF NOT (q.queue_switch_step2 IS NOT NULL AND lo > q.queue_switch_step2) THEN
+        RETURN NEXT q.queue_data_pfx || '_' || prev_nr;
+    END IF;
+    IF NOT (hi < q.queue_switch_step1) THEN
+        RETURN NEXT q.queue_data_pfx || '_' || q.queue_cur_table;
+    END IF;
 END $$;
 
 CREATE OR REPLACE FUNCTION pgq.get_batch_events(x_batch_id bigint,
@@ -817,6 +889,34 @@ BEGIN
     RETURN n;
 END $$;
 
+-- Puts an event straight into a consumer's retry queue (PgQ's API, used by
+-- cascaded consumers to keep an event for later); a NULL id takes a new one.
+CREATE OR REPLACE FUNCTION pgq.event_retry_raw(x_queue text, x_consumer text, x_retry_after timestamptz,
+    x_ev_id bigint, x_ev_time timestamptz, x_ev_retry int4, x_ev_type text, x_ev_data text,
+    x_ev_extra1 text, x_ev_extra2 text, x_ev_extra3 text, x_ev_extra4 text) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    q pgq.queue;
+    sub_id int4;
+    id bigint;
+BEGIN
+    SELECT s.sub_id INTO sub_id
+      FROM pgq.queue qq
+      JOIN pgq.subscription s ON s.sub_queue = qq.queue_id
+      JOIN pgq.consumer c ON c.co_id = s.sub_consumer
+     WHERE qq.queue_name = x_queue AND c.co_name = x_consumer;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'consumer not registered';
+    END IF;
+    q := pgq._queue(x_queue);
+    id := coalesce(x_ev_id, nextval(q.queue_event_seq));
+    INSERT INTO pgq.retry_queue (ev_retry_after, ev_queue, ev_id, ev_time, ev_txid, ev_owner, ev_retry,
+                                 ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4)
+    VALUES (x_retry_after, q.queue_id, id, x_ev_time, txid_current(), sub_id, x_ev_retry,
+            x_ev_type, x_ev_data, x_ev_extra1, x_ev_extra2, x_ev_extra3, x_ev_extra4);
+    RETURN id;
+END $$;
+
 -- Puts due retry events back into their queue, visible to their owner only.
 CREATE OR REPLACE FUNCTION pgq.maint_retry_events() RETURNS int4
 LANGUAGE plpgsql AS $$
@@ -900,42 +1000,53 @@ LANGUAGE sql AS $$
     UNION ALL SELECT 'pgq.retry_queue' WHERE current_setting('autovacuum') <> 'on'
 $$;
 
+-- The order is PgQ's: rotation step 1 per due queue (by name), step 2 after it
+-- (in its own transaction: the daemon commits each call) or while a rotation is
+-- half done, the queues' extra maintenance, vacuum, then londiste's.
 CREATE OR REPLACE FUNCTION pgq.maint_operations(OUT func_name text, OUT func_arg text)
 RETURNS SETOF record LANGUAGE plpgsql AS $$
 DECLARE
     q record;
     f text;
+    nrot int4 := 0;
+    has_root boolean;
 BEGIN
-    FOR q IN SELECT queue_name, queue_extra_maint FROM pgq.queue
+    FOR q IN SELECT queue_name FROM pgq.queue
               WHERE queue_switch_step2 IS NOT NULL AND queue_switch_time + queue_rotation_period < now()
-              ORDER BY queue_id LOOP
+              ORDER BY queue_name LOOP
         func_name := 'pgq.maint_rotate_tables_step1';
         func_arg := q.queue_name;
+        nrot := nrot + 1;
         RETURN NEXT;
     END LOOP;
-    PERFORM 1 FROM pgq.queue WHERE queue_switch_step2 IS NULL;
-    IF FOUND THEN
+    IF nrot > 0 OR EXISTS (SELECT 1 FROM pgq.queue WHERE queue_switch_step2 IS NULL) THEN
         func_name := 'pgq.maint_rotate_tables_step2';
         func_arg := NULL;
         RETURN NEXT;
     END IF;
-    FOR q IN SELECT queue_name, queue_extra_maint FROM pgq.queue WHERE queue_extra_maint IS NOT NULL LOOP
+    FOR q IN SELECT queue_name, queue_extra_maint FROM pgq.queue
+              WHERE queue_extra_maint IS NOT NULL ORDER BY queue_name LOOP
         FOREACH f IN ARRAY q.queue_extra_maint LOOP
             func_name := f;
             func_arg := q.queue_name;
             RETURN NEXT;
         END LOOP;
     END LOOP;
-    IF to_regprocedure('londiste.periodic_maintenance()') IS NOT NULL THEN
-        func_name := 'londiste.periodic_maintenance';
-        func_arg := NULL;
-        RETURN NEXT;
-    END IF;
     FOR f IN SELECT maint_table FROM (SELECT pgq.maint_tables_to_vacuum() AS maint_table) v LOOP
         func_name := 'vacuum';
         func_arg := f;
         RETURN NEXT;
     END LOOP;
+    -- londiste's maintenance (sequence tracking) only has work on a root node.
+    IF to_regprocedure('londiste.periodic_maintenance()') IS NOT NULL
+       AND to_regclass('londiste.node_info') IS NOT NULL THEN
+        EXECUTE 'SELECT EXISTS (SELECT 1 FROM londiste.node_info WHERE node_type = ''root'')' INTO has_root;
+        IF has_root THEN
+            func_name := 'londiste.periodic_maintenance';
+            func_arg := NULL;
+            RETURN NEXT;
+        END IF;
+    END IF;
 END $$;
 
 -- ---------------------------------------------------------------------------------
@@ -959,7 +1070,7 @@ BEGIN
     FOR q IN SELECT * FROM pgq.queue ORDER BY queue_name LOOP
         SELECT * INTO t1 FROM pgq.tick WHERE tick_queue = q.queue_id ORDER BY tick_id DESC LIMIT 1;
         SELECT * INTO t2 FROM pgq.tick WHERE tick_queue = q.queue_id AND tick_id < t1.tick_id ORDER BY tick_id DESC LIMIT 1;
-        seq := pgq.seq_getval(q.queue_event_seq);
+        seq := pgq._seq_last(q.queue_event_seq);
         queue_name := q.queue_name;
         queue_ntables := q.queue_ntables;
         queue_cur_table := q.queue_cur_table;
@@ -999,7 +1110,7 @@ CREATE OR REPLACE FUNCTION pgq.get_consumer_info(
 RETURNS SETOF record LANGUAGE sql AS $$
     SELECT q.queue_name, c.co_name, now() - t.tick_time, now() - s.sub_active,
            s.sub_last_tick, s.sub_batch, s.sub_next_tick,
-           greatest(pgq.seq_getval(q.queue_event_seq) - t.tick_event_seq, 0)
+           greatest(pgq._seq_last(q.queue_event_seq) - t.tick_event_seq, 0)
       FROM pgq.subscription s
       JOIN pgq.queue q ON q.queue_id = s.sub_queue
       JOIN pgq.consumer c ON c.co_id = s.sub_consumer
