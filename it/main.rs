@@ -12,6 +12,7 @@ mod harness_smoke;
 
 mod badinput;
 mod bouncer;
+mod check;
 mod connect;
 mod crash;
 mod cutover;

@@ -4,7 +4,9 @@
 //! `NAME: error` and exits with the error's code.
 
 use crate::commands::status;
-use crate::commands::{Opts, cascade, compare, nodes, repair, resurrect, seqs, tables, takeover};
+use crate::commands::{
+    Opts, cascade, check, compare, fkeys, nodes, repair, resurrect, seqs, tables, takeover,
+};
 use crate::config::{self, TickerConfig, WorkerConfig};
 use crate::error::{Error, Result};
 use crate::process::daemon;
@@ -38,6 +40,7 @@ const VALUED: &[&str] = &[
     "--merge",
     "--dead",
     "--max-parallel-copy",
+    "--file",
 ];
 
 fn parse_raw(args: &[String]) -> Result<Raw> {
@@ -318,19 +321,21 @@ fn run_londiste(args: &[String]) -> Result<()> {
             "need a command after the config file\n{LONDISTE_USAGE}"
         )));
     };
+    let given: Vec<String> = raw.flags.iter().map(|(f, _)| f.clone()).collect();
     let opts = take_opts(&mut raw)?;
     if let Some((f, _)) = raw.flags.first() {
         return Err(Error::Usage(format!(
             "unknown option {f} for {cmd}; see --help"
         )));
     }
+    check_flags_apply(&cmd, &given, c.daemon)?;
     let name1 = args.first().map(String::as_str);
     let name2 = args.get(1).map(String::as_str);
     match cmd.as_str() {
         "worker" | "replay" => {
             supervisor::run(supervisor::Jobs::Worker(Box::new(load)), c.daemon, c.quiet)
         }
-        "create-root" => nodes::create_root(&cfg, name1, name2),
+        "create-root" => nodes::create_root(&cfg, name1, name2, &opts),
         "create-branch" => nodes::create_subscriber(&cfg, "branch", name1, name2, &opts),
         "create-leaf" => nodes::create_subscriber(&cfg, "leaf", name1, name2, &opts),
         "add-table" => tables::add_table(&cfg, &args, &opts),
@@ -356,6 +361,8 @@ fn run_londiste(args: &[String]) -> Result<()> {
         "tag-alive" => cascade::tag_nodes(&cfg, &args, false),
         "resurrect" => resurrect::resurrect(&cfg, &opts),
         "compare" => compare::compare(&cfg, &args, &opts),
+        "check" => check::check(&cfg, &args, c.quiet),
+        "fkeys" => fkeys::fkeys(&cfg, &args),
         "repair" => repair::repair(&cfg, &args, &opts, opts.apply),
         "install" => {
             let mut cl = crate::db::connect(&cfg.db, "londiste-rs admin")?;
@@ -392,6 +399,7 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
             "--dead-root" => o.dead_root = true,
             "--dead-branch" => o.dead_branch = true,
             "--force" => o.force = true,
+            "--nocheck" => o.nocheck = true,
             "--abort" => o.abort = true,
             "--wait-go" => o.wait_go = true,
             "--file" => o.file = v,
@@ -417,9 +425,8 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
                 o.keys = Some(keys);
             }
             // Skytools' --find-copy-node is what add-table always does (the
-            // copy source is found automatically); --nocheck skips a check of
-            // the public connect string that londiste-rs does not make.
-            "--find-copy-node" | "--nocheck" => {}
+            // copy source is found automatically).
+            "--find-copy-node" => {}
             // Accepted and ignored would be a lie: refused until they exist.
             "--merge-all" | "--no-merge" => {
                 return Err(Error::Usage(format!(
@@ -437,6 +444,82 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
     }
     raw.flags = rest;
     Ok(o)
+}
+
+/// The options each command acts on. One given to a command that does not
+/// use it is refused: accepted and ignored would be a lie.
+const FLAGS_OF: &[(&str, &[&str])] = &[
+    (
+        "add-table",
+        &[
+            "--all",
+            "--expect-sync",
+            "--skip-truncate",
+            "--no-triggers",
+            "--wait-sync",
+            "--skip-non-existing",
+            "--create",
+            "--create-full",
+            "--dest-table",
+            "--copy-node",
+            "--key",
+            "--no-sequences",
+            "--find-copy-node",
+            "--force",
+            "--merge-all",
+            "--no-merge",
+        ],
+    ),
+    ("remove-table", &["--all"]),
+    ("resync", &["--all"]),
+    (
+        "add-seq",
+        &["--all", "--create", "--create-full", "--skip-non-existing"],
+    ),
+    ("remove-seq", &["--all"]),
+    ("tables", &["--names-only"]),
+    ("create-root", &["--nocheck"]),
+    ("create-branch", &["--provider", "--nocheck"]),
+    ("create-leaf", &["--provider", "--nocheck"]),
+    ("change-provider", &["--provider"]),
+    (
+        "takeover",
+        &[
+            "--all",
+            "--dead-root",
+            "--dead-branch",
+            "--force",
+            "--abort",
+            "--wait-go",
+            "--max-lag",
+            "--wait-timeout",
+            "--seq-margin",
+        ],
+    ),
+    ("resurrect", &["--file"]),
+    // Skytools' --force on compare and repair ignores the lag; these always
+    // work at one tick whatever the lag, so it changes nothing by design.
+    ("compare", &["--count-only", "--force"]),
+    ("repair", &["--apply", "--force"]),
+];
+
+fn check_flags_apply(cmd: &str, given: &[String], daemon: bool) -> Result<()> {
+    if daemon && !matches!(cmd, "worker" | "replay") {
+        return Err(Error::Usage(format!(
+            "-d: only the worker runs in the background; run {cmd} without -d"
+        )));
+    }
+    let allowed = FLAGS_OF
+        .iter()
+        .find(|(c, _)| *c == cmd)
+        .map(|(_, f)| *f)
+        .unwrap_or(&[]);
+    match given.iter().find(|f| !allowed.contains(&f.as_str())) {
+        Some(f) => Err(Error::Usage(format!(
+            "{f} does not apply to {cmd}; see --help for the options of each command"
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn seconds_flag(flag: &str, v: Option<String>) -> Result<std::time::Duration> {

@@ -168,7 +168,14 @@ fn add_tables(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
                 log::warn!("{msg}; skipped");
                 continue;
             }
-            return Err(Error::Other(msg));
+            // --force: accept a name the provider does not list (yet); the
+            // copy waits until a node above has the table in sync.
+            if !opts.force {
+                return Err(Error::Other(format!(
+                    "{msg}; or add it here anyway with --force"
+                )));
+            }
+            log::warn!("{msg}; added anyway (--force): its copy waits until the provider has it");
         }
         let dest = opts.dest_table.clone().map(|d| {
             let (s, tt) = split_qualified(&d).unwrap_or(("public".into(), d.clone()));

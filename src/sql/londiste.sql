@@ -150,6 +150,16 @@ CREATE TABLE IF NOT EXISTS londiste.pending_fkeys (
     PRIMARY KEY (from_table, fkey_name)
 );
 
+-- The keys put back, for the fkeys command: one row per key, its last restore.
+CREATE TABLE IF NOT EXISTS londiste.restored_fkeys (
+    from_table text NOT NULL,
+    fkey_name text NOT NULL,
+    fkey_def text NOT NULL,
+    dropped_at timestamptz NOT NULL,
+    restored_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (from_table, fkey_name)
+);
+
 CREATE OR REPLACE FUNCTION londiste.drop_table_fkeys(i_table regclass) RETURNS int4
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -181,6 +191,10 @@ BEGIN
         EXECUTE format('ALTER TABLE %s VALIDATE CONSTRAINT %I', fk.from_table, fk.fkey_name);
     END IF;
     DELETE FROM londiste.pending_fkeys WHERE from_table = i_from_table AND fkey_name = i_name;
+    INSERT INTO londiste.restored_fkeys (from_table, fkey_name, fkey_def, dropped_at)
+    VALUES (fk.from_table, fk.fkey_name, fk.fkey_def, fk.dropped_at)
+    ON CONFLICT (from_table, fkey_name) DO UPDATE
+       SET fkey_def = EXCLUDED.fkey_def, dropped_at = EXCLUDED.dropped_at, restored_at = now();
     RETURN 1;
 END $$;
 
