@@ -17,6 +17,7 @@ mod connect;
 mod crash;
 mod cutover;
 mod daemon;
+mod fkeys;
 mod options;
 mod pgq;
 mod random;
