@@ -19,6 +19,7 @@ mod cutover;
 mod daemon;
 mod fkeys;
 mod options;
+mod partitioned;
 mod pgq;
 mod random;
 mod reload;

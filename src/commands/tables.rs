@@ -194,6 +194,21 @@ fn add_tables(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
                 )));
             }
         }
+        // ON CONFLICT on a partitioned table is 11+: the apply's upserts
+        // would fail on every update.
+        let partitioned: bool = c
+            .query_one(
+                "SELECT relkind = 'p' FROM pg_class WHERE oid = $1::text::regclass",
+                &[&local_name],
+            )
+            .ctx(|| format!("cannot look up {local_name}"))?
+            .get(0);
+        if partitioned && local_major < 11 {
+            return Err(Error::Other(format!(
+                "table {local_name} is partitioned on this node, and PostgreSQL {local_major} cannot apply updates to a partitioned table \
+                 (ON CONFLICT needs 11): replicate into a plain table here, or into PostgreSQL 11 or newer"
+            )));
+        }
         let has_key: bool = c
             .query_one(
                 "SELECT pgq.table_pkey($1::text::regclass) IS NOT NULL",

@@ -1,0 +1,169 @@
+//! A partitioned table (declarative partitioning) added as its parent: the
+//! copy reads every partition and fills the replica's parent, whose own
+//! partitions differ (hash here, ranges there), while a writer inserts,
+//! deletes and changes keys so that rows move between partitions on both
+//! sides; the replica ends equal to the source. On PostgreSQL 10, whose
+//! partitioned tables take no ON CONFLICT, add-table refuses a partitioned
+//! target with a line saying what works instead.
+
+use crate::harness::{Cluster, Rng, poll_until, run, tables_diff, unique_name};
+use crate::repl::{Repl, worker_ini};
+use crate::tutorial::{ok, output_text};
+use crate::versions::limits::{root_and_leaf, run_jobs};
+use crate::versions::{Side, tables_ok};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+const MASTER: &str = "
+    CREATE TABLE pt (id int, k int, v text, PRIMARY KEY (k, id)) PARTITION BY RANGE (k);
+    CREATE TABLE pt_low PARTITION OF pt FOR VALUES FROM (0) TO (10);
+    CREATE TABLE pt_mid PARTITION OF pt FOR VALUES FROM (10) TO (20);
+    CREATE TABLE pt_high PARTITION OF pt FOR VALUES FROM (20) TO (30);
+    INSERT INTO pt SELECT g, g % 30, 'v' || g FROM generate_series(1, 3000) g;
+";
+
+const SLAVE: &str = "
+    CREATE TABLE pt (id int, k int, v text, PRIMARY KEY (k, id)) PARTITION BY HASH (k);
+    CREATE TABLE pt_h0 PARTITION OF pt FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+    CREATE TABLE pt_h1 PARTITION OF pt FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+";
+
+/// Root on `source`, leaf on `target` (None: the system server).
+fn rows_move_partitions(source: Option<u32>, target: Option<u32>) {
+    let (s, t) = (Side::new(source), Side::new(target));
+    let (s, t) = (s.c(), t.c());
+    let master = unique_name("part_m");
+    let slave = unique_name("part_s");
+    let (mconn, sconn) = (s.create_db(&master), t.create_db(&slave));
+    s.client(&master).batch_execute(MASTER).unwrap();
+    t.client(&slave).batch_execute(SLAVE).unwrap();
+    let dir = root_and_leaf(s, &master, &mconn, &sconn);
+    let d = dir.path();
+    let _jobs = run_jobs(d);
+    ok("londiste3", &["master.ini", "add-table", "public.pt"], d);
+    // The writer runs from before the copy to after it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let moved = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, moved) = (stop.clone(), moved.clone());
+        let mut m = s.client(&master);
+        std::thread::spawn(move || {
+            let mut rng = Rng(0x5eed_1234);
+            while !stop.load(Ordering::Relaxed) {
+                let id = rng.below(3000) as i32 + 1;
+                let sql = match rng.below(4) {
+                    // A key change across a range boundary: the row moves.
+                    0 | 1 => {
+                        format!("UPDATE pt SET k = (k + 10) % 30, v = v || 'm' WHERE id = {id}")
+                    }
+                    2 => format!("DELETE FROM pt WHERE id = {id}"),
+                    // One writer keeps id unique (the key is (k, id)).
+                    _ => format!(
+                        "INSERT INTO pt SELECT {id}, {}, 'n' WHERE NOT EXISTS (SELECT FROM pt WHERE id = {id})",
+                        rng.below(30)
+                    ),
+                };
+                let n = m.execute(sql.as_str(), &[]).unwrap();
+                if sql.starts_with("UPDATE") {
+                    moved.fetch_add(n, Ordering::Relaxed);
+                }
+                // A multi-row statement now and then: one event, many rows.
+                if rng.below(50) == 0 {
+                    m.execute("UPDATE pt SET k = (k + 10) % 30 WHERE id % 97 = 0", &[])
+                        .unwrap();
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    ok("londiste3", &["slave.ini", "add-table", "public.pt"], d);
+    poll_until("pt ok on the leaf", Duration::from_secs(30), || {
+        tables_ok(&dir, "slave.ini", &["public.pt"])
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(moved.load(Ordering::Relaxed) > 50, "too few rows moved");
+    let (mut src, mut dst) = (s.client(&master), t.client(&slave));
+    poll_until(
+        "pt on the leaf to equal the source",
+        Duration::from_secs(30),
+        || match tables_diff(&mut src, &mut dst, "public.pt") {
+            None => Ok(true),
+            Some(d) => Err(d),
+        },
+    );
+    // The rows are in the replica's partitions, none stuck in the parent.
+    assert_eq!(t.psql(&slave, "select count(*) from only pt"), "0");
+    let parts = t.psql(
+        &slave,
+        "select count(*) filter (where tableoid = 'pt_h0'::regclass) > 0
+            and count(*) filter (where tableoid = 'pt_h1'::regclass) > 0 from pt",
+    );
+    assert_eq!(parts, "t");
+}
+
+#[test]
+fn partitioned_parent_replicates_with_rows_moving_partitions() {
+    rows_move_partitions(None, None);
+}
+
+/// The oldest major with row movement and ON CONFLICT on partitioned
+/// tables, both ways with the newest.
+#[test]
+fn partitioned_parent_11_into_18_and_18_into_11() {
+    rows_move_partitions(Some(11), Some(18));
+    rows_move_partitions(Some(18), Some(11));
+}
+
+/// PostgreSQL 10: a partitioned table cannot be the target of the apply's
+/// upserts (ON CONFLICT on partitioned tables is 11+).
+#[test]
+fn partitioned_target_on_10_is_refused() {
+    let old = Cluster::start_major(10);
+    let c = Cluster::shared();
+    let master = unique_name("part10_m");
+    let slave = unique_name("part10_s");
+    let (mconn, sconn) = (c.create_db(&master), old.create_db(&slave));
+    c.client(&master)
+        .batch_execute("CREATE TABLE p (id int PRIMARY KEY, v text)")
+        .unwrap();
+    old.client(&slave)
+        .batch_execute(
+            "CREATE TABLE p (id int NOT NULL, v text) PARTITION BY RANGE (id);
+             CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (100);",
+        )
+        .unwrap();
+    let r = Repl::new("part10", "", "", "");
+    r.dir.write("master.ini", &worker_ini(&mconn, "master"));
+    r.dir.write("slave.ini", &worker_ini(&sconn, "slave"));
+    let d = r.d();
+    ok(
+        "londiste3",
+        &["master.ini", "create-root", "master", &mconn],
+        d,
+    );
+    let prov = format!("--provider={mconn}");
+    ok(
+        "londiste3",
+        &["slave.ini", "create-leaf", "slave", &sconn, &prov],
+        d,
+    );
+    ok("londiste3", &["master.ini", "add-table", "public.p"], d);
+    let out = run(
+        "londiste3",
+        &["slave.ini", "add-table", "public.p", "--key=id"],
+        d,
+    );
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(
+            "table public.p is partitioned on this node, and PostgreSQL 10 cannot apply updates to a partitioned table"
+        ),
+        "{text}"
+    );
+    let n = old.psql(&slave, "select count(*) from londiste.table_info");
+    assert_eq!(n, "0", "the refused table was added");
+}
