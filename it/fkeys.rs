@@ -156,7 +156,7 @@ fn status_of_an_idle_leaf_is_up_to_date() {
         .unwrap()
         .parse()
         .unwrap_or_else(|_| panic!("a lag in seconds: {leaf}"));
-    assert!(lag >= 0.0 && lag < 30.0, "{leaf}");
+    assert!((0.0..30.0).contains(&lag), "{leaf}");
     ok("londiste3", &["slave.ini", "resume"], r.d());
     wait_equal(
         c,

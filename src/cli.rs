@@ -250,9 +250,9 @@ fn signal_flag(c: &Common) -> Option<Signal> {
 const LONDISTE_USAGE: &str = "usage: londiste3 [options] CONFIG.ini COMMAND [args]
 
 Node commands:
-  create-root NAME [CONNSTR]                    make this database the root (source)
-  create-branch NAME [CONNSTR] --provider=CONNSTR
-  create-leaf NAME [CONNSTR] --provider=CONNSTR
+  create-root NAME [CONNSTR] [--nocheck]        make this database the root (source)
+  create-branch NAME [CONNSTR] --provider=CONNSTR [--nocheck]
+  create-leaf NAME [CONNSTR] --provider=CONNSTR [--nocheck]
   worker                                        run the replication worker
   status  members  node-info                    show the set
   pause  resume                                 stop/restart applying on this node
@@ -266,11 +266,13 @@ Cut-over and cascade commands:
   resurrect                                     (on a failed-over old root) save lost events, rejoin
 Table and sequence commands:
   add-table TABLE... | --all  [--create] [--expect-sync] [--skip-truncate]
-            [--dest-table=NAME] [--copy-node=NODE] [--no-triggers] [--wait-sync] [--skip-non-existing] [--key=COL,...] [--no-sequences]
+            [--dest-table=NAME] [--copy-node=NODE] [--no-triggers] [--wait-sync] [--skip-non-existing] [--key=COL,...] [--no-sequences] [--force]
   remove-table TABLE... | --all      resync TABLE... | --all
   add-seq SEQ... | --all [--create]  remove-seq SEQ...
   tables [--names-only]  seqs  missing
 Checks:
+  check [TABLE...]                              pre-flight: what would break a copy or cut-over (exit 1)
+  fkeys [TABLE...]                              foreign keys dropped for copies: waiting and restored
   compare [TABLE...] [--count-only]             row count and checksum, provider vs this node
   repair [TABLE...] [--apply]                   print (and with --apply run) the SQL that fixes this node
 Options:
