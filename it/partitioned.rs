@@ -2,7 +2,9 @@
 //! copy reads every partition and fills the replica's parent, whose own
 //! partitions differ (hash here, ranges there), while a writer inserts,
 //! deletes and changes keys so that rows move between partitions on both
-//! sides; the replica ends equal to the source. On PostgreSQL 10, whose
+//! sides, and writes straight into the source's partitions; the replica
+//! ends equal to the source. A partition made after the table was added is
+//! reported by `check` until its triggers are made. On PostgreSQL 10, whose
 //! partitioned tables take no ON CONFLICT, add-table refuses a partitioned
 //! target with a line saying what works instead.
 
@@ -45,28 +47,45 @@ fn rows_move_partitions(source: Option<u32>, target: Option<u32>) {
     // The writer runs from before the copy to after it.
     let stop = Arc::new(AtomicBool::new(false));
     let moved = Arc::new(AtomicU64::new(0));
+    let direct = Arc::new(AtomicU64::new(0));
     let writer = {
-        let (stop, moved) = (stop.clone(), moved.clone());
+        let (stop, moved, direct) = (stop.clone(), moved.clone(), direct.clone());
         let mut m = s.client(&master);
         std::thread::spawn(move || {
             let mut rng = Rng(0x5eed_1234);
             while !stop.load(Ordering::Relaxed) {
                 let id = rng.below(3000) as i32 + 1;
-                let sql = match rng.below(4) {
+                let part = ["pt_low", "pt_mid", "pt_high"][rng.below(3) as usize];
+                let sql = match rng.below(7) {
                     // A key change across a range boundary: the row moves.
                     0 | 1 => {
                         format!("UPDATE pt SET k = (k + 10) % 30, v = v || 'm' WHERE id = {id}")
                     }
                     2 => format!("DELETE FROM pt WHERE id = {id}"),
                     // One writer keeps id unique (the key is (k, id)).
-                    _ => format!(
+                    3 => format!(
                         "INSERT INTO pt SELECT {id}, {}, 'n' WHERE NOT EXISTS (SELECT FROM pt WHERE id = {id})",
                         rng.below(30)
                     ),
+                    // Straight into a partition, not through the parent.
+                    4 => format!("UPDATE {part} SET v = v || 'p' WHERE id = {id}"),
+                    5 => format!("DELETE FROM {part} WHERE id = {id}"),
+                    _ => {
+                        let k = match part {
+                            "pt_low" => 5,
+                            "pt_mid" => 15,
+                            _ => 25,
+                        };
+                        format!(
+                            "INSERT INTO {part} SELECT {id}, {k}, 'd' WHERE NOT EXISTS (SELECT FROM pt WHERE id = {id})"
+                        )
+                    }
                 };
                 let n = m.execute(sql.as_str(), &[]).unwrap();
-                if sql.starts_with("UPDATE") {
+                if sql.starts_with("UPDATE pt ") {
                     moved.fetch_add(n, Ordering::Relaxed);
+                } else if sql.contains(" pt_") {
+                    direct.fetch_add(n, Ordering::Relaxed);
                 }
                 // A multi-row statement now and then: one event, many rows.
                 if rng.below(50) == 0 {
@@ -93,6 +112,43 @@ fn rows_move_partitions(source: Option<u32>, target: Option<u32>) {
             None => Ok(true),
             Some(d) => Err(d),
         },
+    );
+    assert!(
+        direct.load(Ordering::Relaxed) > 10,
+        "too few rows written straight into partitions: {} (moved {})",
+        direct.load(Ordering::Relaxed),
+        moved.load(Ordering::Relaxed)
+    );
+    // A partition made after add-table: check names it until its triggers exist.
+    s.client(&master)
+        .batch_execute("CREATE TABLE pt_extra PARTITION OF pt FOR VALUES FROM (30) TO (40)")
+        .unwrap();
+    let out = run("londiste3", &["master.ini", "check"], d);
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "public.pt: partition public.pt_extra has no capture triggers (made after the table was added): \
+         writes straight into it are not replicated; fix: SELECT londiste.regenerate_capture() in this database\n"
+    );
+    s.client(&master)
+        .batch_execute(
+            "SELECT londiste.regenerate_capture(); INSERT INTO pt_extra VALUES (9001, 35, 'x')",
+        )
+        .unwrap();
+    ok("londiste3", &["master.ini", "check"], d);
+    poll_until(
+        "the row in the new partition to arrive",
+        Duration::from_secs(20),
+        || Ok(t.psql(&slave, "select count(*) from pt where id = 9001") == "1"),
+    );
+    // A TRUNCATE of one partition cannot be replayed as the parent's: refused.
+    let err = s
+        .client(&master)
+        .batch_execute("TRUNCATE pt_low")
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("its TRUNCATE cannot be replicated alone"),
+        "{err:?}"
     );
     // The rows are in the replica's partitions, none stuck in the parent.
     assert_eq!(t.psql(&slave, "select count(*) from only pt"), "0");

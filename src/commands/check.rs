@@ -160,6 +160,42 @@ fn local_checks(
             }
         }
     }
+    // Partitions made after the table was added have no capture triggers:
+    // writes straight into them would not be replicated.
+    if me.is_root() {
+        let rows = c
+            .query(
+                &format!(
+                    "WITH RECURSIVE q AS (SELECT queue_id::text AS id FROM pgq.queue WHERE queue_name = $2),
+                     top AS (SELECT t, to_regclass(t) AS o FROM unnest($1::text[]) t
+                              WHERE EXISTS (SELECT 1 FROM pg_trigger g, q WHERE g.tgrelid = to_regclass(t)
+                                              AND g.tgname = '_pgq_' || q.id || '_ins')),
+                     d(t, rel) AS (
+                         SELECT top.t, i.inhrelid FROM top JOIN pg_inherits i ON i.inhparent = top.o
+                           JOIN pg_class c ON c.oid = i.inhparent AND c.relkind = 'p'
+                         UNION
+                         SELECT d.t, i.inhrelid FROM d JOIN pg_inherits i ON i.inhparent = d.rel
+                           JOIN pg_class c ON c.oid = i.inhparent AND c.relkind = 'p')
+                     SELECT d.t, {part} FROM d
+                      WHERE NOT EXISTS (SELECT 1 FROM pg_trigger g, q WHERE g.tgrelid = d.rel
+                                          AND g.tgname = '_pgq_' || q.id || '_ins')
+                      ORDER BY 1, 2",
+                    part = qualified("d.rel")
+                ),
+                &[&dests, &cfg.queue_name],
+            )
+            .ctx(|| "cannot read the partitions of the tables".into())?;
+        for r in rows {
+            let (t, part): (String, String) = (r.get(0), r.get(1));
+            f.add(
+                &name_of(&t).0,
+                format!(
+                    "partition {part} has no capture triggers (made after the table was added): writes straight into it are not replicated; \
+                     fix: SELECT londiste.regenerate_capture() in this database"
+                ),
+            );
+        }
+    }
     // Sequences the columns use (defaults) or own (serial, identity).
     let seqs = c
         .query(

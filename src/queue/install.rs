@@ -20,7 +20,7 @@ const LONDISTE_SQL: &str = concat!(
 
 /// Bump when a script changes; an older installed version is upgraded by
 /// re-running the (idempotent) script.
-pub const PGQ_VERSION: i32 = 6;
+pub const PGQ_VERSION: i32 = 7;
 pub const LONDISTE_VERSION: i32 = 7;
 
 const LOCK_KEY: i64 = 0x6c6f_6e64_6973; // "londis"
