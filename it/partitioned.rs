@@ -3,7 +3,8 @@
 //! partitions differ (hash here, ranges there), while a writer inserts,
 //! deletes and changes keys so that rows move between partitions on both
 //! sides, and writes straight into the source's partitions; the replica
-//! ends equal to the source. A partition made after the table was added is
+//! ends equal to the source, and its partitions refuse local writes as its
+//! parent does. A partition made after the table was added is
 //! reported by `check` until its triggers are made. On PostgreSQL 10, whose
 //! partitioned tables take no ON CONFLICT, add-table refuses a partitioned
 //! target with a line saying what works instead.
@@ -148,6 +149,15 @@ fn rows_move_partitions(source: Option<u32>, target: Option<u32>) {
         .unwrap_err();
     assert!(
         format!("{err:?}").contains("its TRUNCATE cannot be replicated alone"),
+        "{err:?}"
+    );
+    // The replica's partitions refuse local writes, like its parent.
+    let err = t
+        .client(&slave)
+        .batch_execute("INSERT INTO pt_h0 VALUES (9999, 0, 'local')")
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("is replicated into this node"),
         "{err:?}"
     );
     // The rows are in the replica's partitions, none stuck in the parent.

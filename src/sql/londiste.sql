@@ -216,24 +216,38 @@ END $$;
 CREATE OR REPLACE FUNCTION londiste.deny_trigger_name(i_queue_name text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$ SELECT left('_londiste_deny_' || i_queue_name, 63) $$;
 
+-- A partitioned table's partitions (every level) get the trigger too: a
+-- statement naming a partition fires only the partition's statement triggers.
 CREATE OR REPLACE FUNCTION londiste.deny_create(i_queue_name text, i_table regclass) RETURNS text
 LANGUAGE plpgsql AS $$
+DECLARE part record;
 BEGIN
     PERFORM londiste.deny_drop(i_queue_name, i_table);
     EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s FOR EACH STATEMENT EXECUTE %s londiste.deny_trigger(%L)',
                    londiste.deny_trigger_name(i_queue_name), i_table, pgq._trigger_exec(), i_queue_name);
+    FOR part IN SELECT i.inhrelid::regclass AS rel FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent
+                 WHERE i.inhparent = i_table AND c.relkind = 'p' LOOP
+        PERFORM londiste.deny_create(i_queue_name, part.rel);
+    END LOOP;
     RETURN londiste.deny_trigger_name(i_queue_name);
 END $$;
 
 CREATE OR REPLACE FUNCTION londiste.deny_drop(i_queue_name text, i_table regclass) RETURNS int4
 LANGUAGE plpgsql AS $$
+DECLARE
+    part record;
+    n int4 := 0;
 BEGIN
+    FOR part IN SELECT i.inhrelid::regclass AS rel FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent
+                 WHERE i.inhparent = i_table AND c.relkind = 'p' LOOP
+        n := n + londiste.deny_drop(i_queue_name, part.rel);
+    END LOOP;
     PERFORM 1 FROM pg_trigger WHERE tgrelid = i_table AND tgname = londiste.deny_trigger_name(i_queue_name);
     IF FOUND THEN
         EXECUTE format('DROP TRIGGER %I ON %s', londiste.deny_trigger_name(i_queue_name), i_table);
-        RETURN 1;
+        n := n + 1;
     END IF;
-    RETURN 0;
+    RETURN n;
 END $$;
 
 -- Re-creates the capture triggers of every table added on a root, after an
