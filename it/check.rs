@@ -25,6 +25,8 @@ const MASTER: &str = "
     CREATE TABLE gone (id int PRIMARY KEY);
     CREATE TABLE lacking (id int PRIMARY KEY);
     CREATE TABLE owned (id int PRIMARY KEY, k int);
+    CREATE SCHEMA hid;
+    CREATE TABLE hid.h (id int PRIMARY KEY);
 ";
 
 /// The leaf's tables, owned by postgres: the test gives most of them to the
@@ -47,6 +49,8 @@ const SLAVE: &str = "
     CREATE TABLE lacking (id int PRIMARY KEY);
     CREATE TABLE owned (id int PRIMARY KEY, k int REFERENCES nokey);
     CREATE TABLE onlyhere (id int PRIMARY KEY);
+    CREATE SCHEMA hid;
+    CREATE TABLE hid.h (id int PRIMARY KEY);
 ";
 
 #[test]
@@ -70,6 +74,7 @@ fn check_lists_each_problem_with_its_fix() {
          ALTER TABLE fkout OWNER TO {role}; ALTER TABLE trig OWNER TO {role};
          ALTER TABLE local_ref OWNER TO {role}; ALTER TABLE gone OWNER TO {role};
          ALTER TABLE onlyhere OWNER TO {role};
+         GRANT USAGE ON SCHEMA hid TO {role}; ALTER TABLE hid.h OWNER TO {role};
          GRANT SELECT, TRIGGER ON lacking TO {role};
          GRANT ALL ON owned TO {role};",
         db = r.slave
@@ -94,25 +99,27 @@ fn check_lists_each_problem_with_its_fix() {
     );
     for t in [
         "nokey", "child", "seqt", "cols", "notadded", "nopk", "fkout", "trig", "gone", "lacking",
-        "owned",
+        "owned", "hid.h",
     ] {
-        ok(
-            "londiste3",
-            &["master.ini", "add-table", &format!("public.{t}")],
-            d,
-        );
+        let t = if t.contains('.') {
+            t.to_string()
+        } else {
+            format!("public.{t}")
+        };
+        ok("londiste3", &["master.ini", "add-table", &t], d);
     }
     c.client(&r.master)
         .batch_execute("ALTER TABLE nokey DROP CONSTRAINT nokey_pkey")
         .unwrap();
     for t in [
-        "nokey", "child", "seqt", "cols", "fkout", "trig", "gone", "lacking", "owned",
+        "nokey", "child", "seqt", "cols", "fkout", "trig", "gone", "lacking", "owned", "hid.h",
     ] {
-        ok(
-            "londiste3",
-            &["slave.ini", "add-table", &format!("public.{t}")],
-            d,
-        );
+        let t = if t.contains('.') {
+            t.to_string()
+        } else {
+            format!("public.{t}")
+        };
+        ok("londiste3", &["slave.ini", "add-table", &t], d);
     }
     ok(
         "londiste3",
@@ -125,6 +132,8 @@ fn check_lists_each_problem_with_its_fix() {
         &["slave.ini", "add-table", "public.onlyhere", "--force"],
         d,
     );
+    s.batch_execute(&format!("REVOKE USAGE ON SCHEMA hid FROM {role}"))
+        .unwrap();
     s.batch_execute(
         "DROP TABLE gone;
          CREATE FUNCTION pgq.missing_grants() RETURNS SETOF text LANGUAGE sql
@@ -157,13 +166,14 @@ fn check_lists_each_problem_with_its_fix() {
     let (code, got, all) = lines("slave.ini");
     let rl = &role;
     let want = [
+        format!("hid.h: role {rl} has no USAGE on schema hid: the copy and the apply fail; fix: GRANT USAGE ON SCHEMA hid TO {rl}"),
         "node: role app lacks USAGE on schema pgq; fix: GRANT USAGE ON SCHEMA pgq TO app".to_string(),
         "public.cols: column a is integer on the provider but text here; fix: ALTER TABLE public.cols ALTER COLUMN a TYPE integer".into(),
         "public.cols: column b (text) of the provider is missing here: the copy stops; fix: ALTER TABLE public.cols ADD COLUMN b text".into(),
         "public.cols: column d is NOT NULL without a default here and the provider has no such column: inserts fail; fix: ALTER TABLE public.cols ALTER COLUMN d DROP NOT NULL".into(),
         "public.fkout: foreign key fkout_ref_fkey references public.local_only, which is not replicated to this node: rows whose parent is missing here break the apply and the key's restore after a copy; fix: londiste3 slave.ini add-table public.local_only, or ALTER TABLE public.fkout DROP CONSTRAINT fkout_ref_fkey".into(),
         "public.gone: public.gone does not exist on this node; fix: create it like the provider's (pg_dump --schema-only), or londiste3 slave.ini remove-table public.gone then londiste3 slave.ini add-table public.gone --create".into(),
-        format!("public.lacking: role {rl} lacks INSERT, UPDATE, DELETE, TRUNCATE on public.lacking: the copy and the apply fail; fix: GRANT INSERT, UPDATE, DELETE, TRUNCATE ON public.lacking TO {rl}"),
+        format!("public.lacking: role {rl} lacks INSERT, UPDATE, DELETE, TRUNCATE on public.lacking: the copy, the apply or a cut-over (which creates triggers) fails; fix: GRANT INSERT, UPDATE, DELETE, TRUNCATE ON public.lacking TO {rl}"),
         "public.nopk: no primary key or unique index on (id) on this node: its updates cannot be applied; fix: ALTER TABLE public.nopk ADD PRIMARY KEY (id)".into(),
         "public.notadded: is replicated on the provider but not added here; fix: londiste3 slave.ini add-table public.notadded".into(),
         "public.onlyhere: is not replicated on the provider: nothing reaches it; fix: add it there, or londiste3 slave.ini remove-table public.onlyhere".into(),
@@ -175,13 +185,13 @@ fn check_lists_each_problem_with_its_fix() {
     assert_eq!(got, want, "leaf check:\n{all}");
     assert_eq!(code, Some(1), "{all}");
     assert!(
-        all.contains("check: 14 problem(s) in 10 table(s) on node slave"),
+        all.contains("check: 15 problem(s) in 11 table(s) on node slave"),
         "{all}"
     );
     // -q changes nothing when there is something to say.
     let out = run("londiste3", &["-q", "slave.ini", "check"], d);
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 14);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 15);
     // One table: only its lines.
     let out = run("londiste3", &["slave.ini", "check", "public.cols"], d);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

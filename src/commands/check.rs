@@ -63,6 +63,29 @@ pub fn check(cfg: &WorkerConfig, args: &[String], quiet: bool) -> Result<()> {
     // A table that is gone here has nothing else to check.
     let mut present = Vec::new();
     for a in added {
+        // Without USAGE on its schema the table cannot even be looked up.
+        let (schema, _) = crate::names::split_qualified(&a.shown)?;
+        let usable: Option<bool> = c
+            .query_one(
+                "SELECT (SELECT has_schema_privilege(oid, 'USAGE') FROM pg_namespace WHERE nspname = $1)",
+                &[&schema],
+            )
+            .ctx(|| format!("cannot look up schema {schema}"))?
+            .get(0);
+        if usable == Some(false) {
+            let role: String = c
+                .query_one("SELECT current_user::text", &[])
+                .ctx(|| "cannot read the role".into())?
+                .get(0);
+            let s = quote_ident(&schema);
+            f.add(
+                &a.name,
+                format!(
+                    "role {role} has no USAGE on schema {s}: the copy and the apply fail; fix: GRANT USAGE ON SCHEMA {s} TO {role}"
+                ),
+            );
+            continue;
+        }
         let exists: bool = c
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&a.dest])
             .ctx(|| format!("cannot look up {}", a.shown))?
@@ -436,7 +459,8 @@ fn subscriber_checks(
                               CASE WHEN NOT has_table_privilege(c.oid, 'INSERT') THEN 'INSERT' END,
                               CASE WHEN NOT has_table_privilege(c.oid, 'UPDATE') THEN 'UPDATE' END,
                               CASE WHEN NOT has_table_privilege(c.oid, 'DELETE') THEN 'DELETE' END,
-                              CASE WHEN NOT has_table_privilege(c.oid, 'TRUNCATE') THEN 'TRUNCATE' END], NULL),
+                              CASE WHEN NOT has_table_privilege(c.oid, 'TRUNCATE') THEN 'TRUNCATE' END,
+                              CASE WHEN NOT has_table_privilege(c.oid, 'TRIGGER') THEN 'TRIGGER' END], NULL),
                             pg_has_role(c.relowner, 'USAGE'),
                             EXISTS (SELECT 1 FROM pg_constraint k WHERE k.contype = 'f' AND (k.conrelid = c.oid OR k.confrelid = c.oid)),
                             $2::text[] IS NULL OR EXISTS (
@@ -453,6 +477,7 @@ fn subscriber_checks(
             .ctx(|| format!("cannot read {} on this node", a.shown))?;
         let (partitioned, missing, owner, has_fk, unique): (bool, Vec<String>, bool, bool, bool) =
             (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+
         if partitioned && local_major < 11 {
             f.add(
                 &a.name,
@@ -476,7 +501,7 @@ fn subscriber_checks(
             f.add(
                 &a.name,
                 format!(
-                    "role {role} lacks {} on {}: the copy and the apply fail; fix: GRANT {} ON {} TO {role}",
+                    "role {role} lacks {} on {}: the copy, the apply or a cut-over (which creates triggers) fails; fix: GRANT {} ON {} TO {role}",
                     missing.join(", "),
                     a.shown,
                     missing.join(", "),
