@@ -233,3 +233,58 @@ fn partitioned_target_on_10_is_refused() {
     let n = old.psql(&slave, "select count(*) from londiste.table_info");
     assert_eq!(n, "0", "the refused table was added");
 }
+
+/// A switchover with a partitioned table: the old root fences its
+/// partitions with the parent, and the new root captures writes made straight
+/// into its partitions, which reach the old root, now following it.
+#[test]
+fn switchover_fences_and_captures_partitions() {
+    let mut r = crate::cutover::Rig::new(&["master", "slave"]);
+    let ddl = "CREATE TABLE pt (id int, k int, v text, PRIMARY KEY (k, id)) PARTITION BY RANGE (k);
+               CREATE TABLE pt_low PARTITION OF pt FOR VALUES FROM (0) TO (10);
+               CREATE TABLE pt_high PARTITION OF pt FOR VALUES FROM (10) TO (20);";
+    r.client("master").batch_execute(ddl).unwrap();
+    r.client("slave").batch_execute(ddl).unwrap();
+    r.client("master")
+        .batch_execute("INSERT INTO pt SELECT g, g % 20, 'v' FROM generate_series(1, 100) g")
+        .unwrap();
+    r.create_root("master");
+    r.create_sub("branch", "slave", "master");
+    r.start_ticker();
+    r.start_worker("master");
+    r.start_worker("slave");
+    r.add_all("master");
+    r.add_all("slave");
+    r.wait_synced("slave", 3);
+    r.londiste(&["slave.ini", "takeover", "master"]);
+    assert_eq!(r.node_type("slave"), "root");
+    // The old root's partition refuses a write naming it.
+    let err = r
+        .client("master")
+        .batch_execute("INSERT INTO pt_low VALUES (1000, 1, 'late')")
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("moved to node"), "{err:?}");
+    // The new root captures a write straight into its partition.
+    r.client("slave")
+        .batch_execute(
+            "INSERT INTO pt_high VALUES (2000, 15, 'new'); UPDATE pt_low SET v = 'u' WHERE id = 3",
+        )
+        .unwrap();
+    let (mut a, mut b) = (r.client("slave"), r.client("master"));
+    poll_until(
+        "pt on the old root to equal the new root's",
+        Duration::from_secs(30),
+        || match tables_diff(&mut a, &mut b, "public.pt") {
+            None => Ok(true),
+            Some(d) => Err(d),
+        },
+    );
+    let n = b
+        .query_one(
+            "SELECT count(*) FROM pt WHERE id = 2000 OR (id = 3 AND v = 'u')",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(n, 2);
+}
