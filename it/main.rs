@@ -18,6 +18,7 @@ mod crash;
 mod cutover;
 mod daemon;
 mod fkeys;
+mod flags;
 mod options;
 mod partitioned;
 mod pgq;
