@@ -12,13 +12,17 @@ mod harness_smoke;
 
 mod badinput;
 mod bouncer;
+mod check;
 mod connect;
 mod consolidate;
 mod crash;
 mod cutover;
 mod daemon;
 mod execute;
+mod fkeys;
+mod flags;
 mod options;
+mod partitioned;
 mod pgq;
 mod pgq_grants;
 mod pgq_producers;

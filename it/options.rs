@@ -562,6 +562,27 @@ fn unimplemented_skytools_options_are_refused() {
             vec!["slave.ini", "status", "--compact"],
             "--compact: status has one format",
         ),
+        // An option of another command is refused, not ignored.
+        (
+            vec!["slave.ini", "status", "--force"],
+            "--force does not apply to status",
+        ),
+        (
+            vec!["slave.ini", "add-table", "public.t", "--apply"],
+            "--apply does not apply to add-table",
+        ),
+        (
+            vec!["slave.ini", "tables", "--all"],
+            "--all does not apply to tables",
+        ),
+        (
+            vec!["slave.ini", "remove-table", "public.t", "--nocheck"],
+            "--nocheck does not apply to remove-table",
+        ),
+        (
+            vec!["-d", "slave.ini", "add-table", "public.t"],
+            "-d: only the worker runs in the background",
+        ),
     ] {
         let out = run("londiste3", &args, r.d());
         let text = output_text(&out);
@@ -581,4 +602,7 @@ fn unimplemented_skytools_options_are_refused() {
         &["slave.ini", "add-table", "public.t", "--find-copy-node"],
         r.d(),
     );
+    // repair --force: Skytools' "ignore the lag", which repair always does
+    // (it works at one tick); accepted.
+    ok("londiste3", &["slave.ini", "repair", "--force"], r.d());
 }

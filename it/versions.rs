@@ -16,7 +16,7 @@
 //! with the shortest exact form.
 
 mod cutover;
-mod limits;
+pub(crate) mod limits;
 
 use crate::harness::{Cluster, KillOnDrop, TestDir, poll_until, run, spawn, unique_name};
 use crate::pgq::{EXACT_SETTINGS, RT_COLUMNS, RT_HSTORE, RT_ROW, RT_SPARSE, RT_SPARSE_COLS};

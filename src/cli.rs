@@ -5,7 +5,7 @@
 
 use crate::commands::status;
 use crate::commands::{
-    Opts, cascade, compare, execute, nodes, repair, resurrect, seqs, tables, takeover,
+    Opts, cascade, check, compare, execute, fkeys, nodes, repair, resurrect, seqs, tables, takeover,
 };
 use crate::config::{self, TickerConfig, WorkerConfig};
 use crate::error::{Error, Result};
@@ -41,6 +41,7 @@ const VALUED: &[&str] = &[
     "--merge",
     "--dead",
     "--max-parallel-copy",
+    "--file",
 ];
 
 fn parse_raw(args: &[String]) -> Result<Raw> {
@@ -251,9 +252,9 @@ fn signal_flag(c: &Common) -> Option<Signal> {
 const LONDISTE_USAGE: &str = "usage: londiste3 [options] CONFIG.ini COMMAND [args]
 
 Node commands:
-  create-root NAME [CONNSTR]                    make this database the root (source)
-  create-branch NAME [CONNSTR] --provider=CONNSTR
-  create-leaf NAME [CONNSTR] --provider=CONNSTR
+  create-root NAME [CONNSTR] [--nocheck]        make this database the root (source)
+  create-branch NAME [CONNSTR] --provider=CONNSTR [--nocheck]
+  create-leaf NAME [CONNSTR] --provider=CONNSTR [--nocheck]
   worker                                        run the replication worker
   status  members  node-info                    show the set
   pause  resume                                 stop/restart applying on this node
@@ -268,13 +269,15 @@ Cut-over and cascade commands:
 Table and sequence commands:
   add-table TABLE... | --all  [--create] [--expect-sync] [--skip-truncate]
             [--dest-table=NAME] [--dest-schema=NAME] [--merge-all | --no-merge]
-            [--copy-node=NODE] [--no-triggers] [--wait-sync] [--skip-non-existing] [--key=COL,...] [--no-sequences]
+            [--copy-node=NODE] [--no-triggers] [--wait-sync] [--skip-non-existing] [--key=COL,...] [--no-sequences] [--force]
   remove-table TABLE... | --all      resync TABLE... | --all
   add-seq SEQ... | --all [--create]  remove-seq SEQ...
   tables [--names-only]  seqs  missing
 Schema changes:
   execute FILE...                               (on the root) run SQL files here and on every node, in queue order
 Checks:
+  check [TABLE...]                              pre-flight: what would break a copy or cut-over (exit 1)
+  fkeys [TABLE...]                              foreign keys dropped for copies: waiting and restored
   compare [TABLE...] [--count-only]             row count and checksum, provider vs this node
   repair [TABLE...] [--apply]                   print (and with --apply run) the SQL that fixes this node
 Options:
@@ -326,19 +329,21 @@ fn run_londiste(args: &[String]) -> Result<()> {
             "need a command after the config file\n{LONDISTE_USAGE}"
         )));
     };
+    let given: Vec<String> = raw.flags.iter().map(|(f, _)| f.clone()).collect();
     let opts = take_opts(&mut raw)?;
     if let Some((f, _)) = raw.flags.first() {
         return Err(Error::Usage(format!(
             "unknown option {f} for {cmd}; see --help"
         )));
     }
+    check_flags_apply(&cmd, &given, c.daemon)?;
     let name1 = args.first().map(String::as_str);
     let name2 = args.get(1).map(String::as_str);
     match cmd.as_str() {
         "worker" | "replay" => {
             supervisor::run(supervisor::Jobs::Worker(Box::new(load)), c.daemon, c.quiet)
         }
-        "create-root" => nodes::create_root(&cfg, name1, name2),
+        "create-root" => nodes::create_root(&cfg, name1, name2, &opts),
         "create-branch" => nodes::create_subscriber(&cfg, "branch", name1, name2, &opts),
         "create-leaf" => nodes::create_subscriber(&cfg, "leaf", name1, name2, &opts),
         "add-table" => tables::add_table(&cfg, &args, &opts),
@@ -365,6 +370,8 @@ fn run_londiste(args: &[String]) -> Result<()> {
         "resurrect" => resurrect::resurrect(&cfg, &opts),
         "execute" => execute::execute(&cfg, &args),
         "compare" => compare::compare(&cfg, &args, &opts),
+        "check" => check::check(&cfg, &args, c.quiet),
+        "fkeys" => fkeys::fkeys(&cfg, &args),
         "repair" => repair::repair(&cfg, &args, &opts, opts.apply),
         "install" => {
             let mut cl = crate::db::connect(&cfg.db, "londiste-rs admin")?;
@@ -413,6 +420,7 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
             "--dead-root" => o.dead_root = true,
             "--dead-branch" => o.dead_branch = true,
             "--force" => o.force = true,
+            "--nocheck" => o.nocheck = true,
             "--abort" => o.abort = true,
             "--wait-go" => o.wait_go = true,
             "--file" => o.file = v,
@@ -438,9 +446,8 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
                 o.keys = Some(keys);
             }
             // Skytools' --find-copy-node is what add-table always does (the
-            // copy source is found automatically); --nocheck skips a check of
-            // the public connect string that londiste-rs does not make.
-            "--find-copy-node" | "--nocheck" => {}
+            // copy source is found automatically).
+            "--find-copy-node" => {}
             "--compact" => {
                 return Err(Error::Usage(
                     "--compact: status has one format; run status without it".into(),
@@ -456,6 +463,83 @@ fn take_opts(raw: &mut Raw) -> Result<Opts> {
         ));
     }
     Ok(o)
+}
+
+/// The options each command acts on. One given to a command that does not
+/// use it is refused: accepted and ignored would be a lie.
+const FLAGS_OF: &[(&str, &[&str])] = &[
+    (
+        "add-table",
+        &[
+            "--all",
+            "--expect-sync",
+            "--skip-truncate",
+            "--no-triggers",
+            "--wait-sync",
+            "--skip-non-existing",
+            "--create",
+            "--create-full",
+            "--dest-table",
+            "--copy-node",
+            "--key",
+            "--no-sequences",
+            "--find-copy-node",
+            "--force",
+            "--merge-all",
+            "--no-merge",
+            "--dest-schema",
+        ],
+    ),
+    ("remove-table", &["--all"]),
+    ("resync", &["--all"]),
+    (
+        "add-seq",
+        &["--all", "--create", "--create-full", "--skip-non-existing"],
+    ),
+    ("remove-seq", &["--all"]),
+    ("tables", &["--names-only"]),
+    ("create-root", &["--nocheck"]),
+    ("create-branch", &["--provider", "--nocheck"]),
+    ("create-leaf", &["--provider", "--nocheck"]),
+    ("change-provider", &["--provider"]),
+    (
+        "takeover",
+        &[
+            "--all",
+            "--dead-root",
+            "--dead-branch",
+            "--force",
+            "--abort",
+            "--wait-go",
+            "--max-lag",
+            "--wait-timeout",
+            "--seq-margin",
+        ],
+    ),
+    ("resurrect", &["--file"]),
+    // Skytools' --force on compare and repair ignores the lag; these always
+    // work at one tick whatever the lag, so it changes nothing by design.
+    ("compare", &["--count-only", "--force"]),
+    ("repair", &["--apply", "--force"]),
+];
+
+fn check_flags_apply(cmd: &str, given: &[String], daemon: bool) -> Result<()> {
+    if daemon && !matches!(cmd, "worker" | "replay") {
+        return Err(Error::Usage(format!(
+            "-d: only the worker runs in the background; run {cmd} without -d"
+        )));
+    }
+    let allowed = FLAGS_OF
+        .iter()
+        .find(|(c, _)| *c == cmd)
+        .map(|(_, f)| *f)
+        .unwrap_or(&[]);
+    match given.iter().find(|f| !allowed.contains(&f.as_str())) {
+        Some(f) => Err(Error::Usage(format!(
+            "{f} does not apply to {cmd}; see --help for the options of each command"
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn seconds_flag(flag: &str, v: Option<String>) -> Result<std::time::Duration> {

@@ -314,7 +314,7 @@ fn partitioned_table_from_10_with_key() {
 
 /// A root `master` in `mconn` (cluster `s`) and a leaf `target` in `sconn`,
 /// with the tutorial's ini files.
-fn root_and_leaf(s: &Cluster, master: &str, mconn: &str, sconn: &str) -> TestDir {
+pub(crate) fn root_and_leaf(s: &Cluster, master: &str, mconn: &str, sconn: &str) -> TestDir {
     let dir = TestDir::new();
     dir.tutorial_inis(&s.base_connstr(), master, mconn, sconn, "");
     let d = dir.path();
@@ -333,7 +333,7 @@ fn root_and_leaf(s: &Cluster, master: &str, mconn: &str, sconn: &str) -> TestDir
 }
 
 /// The ticker and both workers in one process, killed on drop.
-fn run_jobs(d: &std::path::Path) -> KillOnDrop {
+pub(crate) fn run_jobs(d: &std::path::Path) -> KillOnDrop {
     KillOnDrop(spawn(
         "londiste-rs",
         &["run", "ticker.ini", "master.ini", "slave.ini"],

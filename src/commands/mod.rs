@@ -1,15 +1,17 @@
 //! The `londiste3` mode's commands, one module per family of the man page:
 //! `nodes` (create-root/branch/leaf, members, node-info, pause, wait-*),
 //! `tables` (add-table, remove-table, resync, tables, missing), `seqs`,
-//! `status`, `compare` and `repair`. Every command is safe to run twice: a
+//! `status`, `compare` and `repair`, `check` (pre-flight) and `fkeys`. Every command is safe to run twice: a
 //! repeat says so and exits 0. This file holds what they share: the options and
 //! the connections to this node and to others.
 
 pub mod branch;
 pub mod cascade;
+pub mod check;
 pub mod compare;
 mod consolidate;
 pub mod execute;
+pub mod fkeys;
 pub mod fleet;
 pub mod nodes;
 mod ready;
@@ -52,6 +54,8 @@ pub struct Opts {
     pub apply: bool,
     /// add-table: do not register the sequences the table's columns own.
     pub no_seqs: bool,
+    /// create-*: skip the check that the public connect string reaches this database.
+    pub nocheck: bool,
     // takeover
     pub dead_root: bool,
     pub dead_branch: bool,
@@ -88,6 +92,7 @@ impl Default for Opts {
             count_only: false,
             apply: false,
             no_seqs: false,
+            nocheck: false,
             dead_root: false,
             dead_branch: false,
             force: false,

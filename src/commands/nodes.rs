@@ -10,14 +10,19 @@ use crate::queue::install;
 use crate::replication::node::{self, NodeInfo};
 use postgres::Client;
 
-pub fn create_root(cfg: &WorkerConfig, name: Option<&str>, location: Option<&str>) -> Result<()> {
+pub fn create_root(
+    cfg: &WorkerConfig,
+    name: Option<&str>,
+    location: Option<&str>,
+    opts: &Opts,
+) -> Result<()> {
     let name = name
         .map(String::from)
         .or_else(|| cfg.node_name.clone())
         .ok_or_else(|| {
             Error::Usage("create-root needs a node name: create-root NAME [CONNSTR]".into())
         })?;
-    let Some((loc, mut c)) = prepare_new_node(cfg, location)? else {
+    let Some((loc, mut c)) = prepare_new_node(cfg, location, opts)? else {
         return Ok(());
     };
     let mut tx = c.transaction().ctx(|| "cannot begin".into())?;
@@ -46,6 +51,7 @@ pub fn create_root(cfg: &WorkerConfig, name: Option<&str>, location: Option<&str
 fn prepare_new_node(
     cfg: &WorkerConfig,
     location: Option<&str>,
+    opts: &Opts,
 ) -> Result<Option<(String, Client)>> {
     let loc = location
         .map(String::from)
@@ -62,7 +68,41 @@ fn prepare_new_node(
         return Ok(None);
     }
     warn_location(&loc);
+    if !opts.nocheck && loc != cfg.db {
+        check_public_location(cfg, &mut c, &loc)?;
+    }
     Ok(Some((loc, c)))
+}
+
+/// The public connect string is how every other node reaches this one: it
+/// must lead to this very database (same server, same database), or the set
+/// would replicate into the wrong place. `--nocheck` skips this.
+fn check_public_location(cfg: &WorkerConfig, local: &mut Client, loc: &str) -> Result<()> {
+    const WHO: &str =
+        "SELECT current_database()::text, d.oid::int8, pg_postmaster_start_time()::text
+                         FROM pg_database d WHERE d.datname = current_database()";
+    let id = |c: &mut Client| -> Result<(String, i64, String)> {
+        let r = c
+            .query_one(WHO, &[])
+            .ctx(|| "cannot identify the database".into())?;
+        Ok((r.get(0), r.get(1), r.get(2)))
+    };
+    let here = id(local)?;
+    let mut p = remote(cfg, loc).map_err(|e| {
+        Error::Other(format!(
+            "the public connect string does not connect ({e}); other nodes reach this one through it: fix it, or give --nocheck to skip this check"
+        ))
+    })?;
+    let there = id(&mut p)?;
+    if here != there {
+        return Err(Error::Other(format!(
+            "the public connect string {} leads to database {} of another server or database than the db setting ({} here); fix it, or give --nocheck to skip this check",
+            db::describe(loc),
+            there.0,
+            here.0
+        )));
+    }
+    Ok(())
 }
 
 fn warn_location(loc: &str) {
@@ -110,7 +150,7 @@ pub fn create_subscriber(
                 "create-{kind} needs --provider=CONNSTR (the provider node's connect string)"
             ))
         })?;
-    let Some((loc, mut c)) = prepare_new_node(cfg, location)? else {
+    let Some((loc, mut c)) = prepare_new_node(cfg, location, opts)? else {
         return Ok(());
     };
     warn_password(&provider_loc);

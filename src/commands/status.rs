@@ -152,6 +152,50 @@ fn print_tree(rows: &[Row], name: &str, prefix: &str, last: bool, top: bool) {
     }
 }
 
+/// The lag of a subscriber at `tick`: the age of the oldest change it has
+/// not applied, bounded by the time of the last tick up to which the queue
+/// had no event beyond `tick` (the change came after it). A node whose
+/// position is behind only by ticks without events is up to date: on an
+/// idle queue the newest tick ages, the data does not. The tick age stays
+/// shown.
+fn subscriber_lag(
+    root: &mut Client,
+    queue: &str,
+    tick: i64,
+    root_tick: Option<i64>,
+) -> Result<String> {
+    let r = root
+        .query_opt(
+            "SELECT extract(epoch FROM now() - max(n.tick_time) FILTER (WHERE n.tick_event_seq = t.tick_event_seq))::float8,
+                    bool_and(n.tick_event_seq = t.tick_event_seq),
+                    extract(epoch FROM now() - max(n.tick_time))::float8
+               FROM pgq.tick t JOIN pgq.queue q ON q.queue_id = t.tick_queue
+               JOIN pgq.tick n ON n.tick_queue = t.tick_queue AND n.tick_id >= t.tick_id
+              WHERE q.queue_name = $1 AND t.tick_id = $2",
+            &[&queue, &tick],
+        )
+        .ctx(|| "cannot read ticks on the root".into())?;
+    let behind = root_tick.map(|r| r - tick).unwrap_or(0);
+    let behind = if behind > 0 {
+        format!(" ({behind} ticks behind)")
+    } else {
+        String::new()
+    };
+    let Some(r) = r.filter(|r| r.get::<_, Option<bool>>(1).is_some()) else {
+        return Ok(format!("Lag: ?, Tick: {tick}{behind}"));
+    };
+    let (since, idle, age): (Option<f64>, bool, Option<f64>) = (r.get(0), r.get(1), r.get(2));
+    let age = age.map(|a| format!("{a:.1}s")).unwrap_or("-".into());
+    Ok(if idle {
+        format!("Lag: up to date, Tick: {tick}, last tick {age} ago")
+    } else {
+        format!(
+            "Lag: {}, Tick: {tick}{behind}, last tick {age} ago",
+            since.map(|l| format!("{l:.1}s")).unwrap_or("?".into())
+        )
+    })
+}
+
 fn node_lines(
     c: &mut Client,
     root: &mut Client,
@@ -182,32 +226,15 @@ fn node_lines(
             )
             .ctx(|| "cannot read ticks".into())?
             .get(0);
+        // The root is the source: it has no lag, only the age of its newest tick.
         lines.push(format!(
-            "Lag: {}, Tick: {}",
+            "Tick: {}, last tick {} ago",
+            root_tick.map(|t| t.to_string()).unwrap_or("-".into()),
             lag.map(|l| format!("{l:.1}s")).unwrap_or("-".into()),
-            root_tick.map(|t| t.to_string()).unwrap_or("-".into())
         ));
     } else {
         let tick = n.last_tick_id.unwrap_or(0);
-        let lag: Option<f64> = root
-            .query_opt(
-                "SELECT extract(epoch FROM now() - t.tick_time)::float8 FROM pgq.tick t JOIN pgq.queue q
-                   ON q.queue_id = t.tick_queue WHERE q.queue_name = $1 AND t.tick_id = $2",
-                &[&cfg.queue_name, &tick],
-            )
-            .ctx(|| "cannot read ticks on the root".into())?
-            .map(|r| r.get(0));
-        let behind = root_tick.map(|r| r - tick).unwrap_or(0);
-        lines.push(format!(
-            "Lag: {}, Tick: {}{}",
-            lag.map(|l| format!("{l:.1}s")).unwrap_or("?".into()),
-            tick,
-            if behind > 0 {
-                format!(" ({behind} ticks behind)")
-            } else {
-                String::new()
-            }
-        ));
+        lines.push(subscriber_lag(root, &cfg.queue_name, tick, root_tick)?);
         let seen: Option<f64> = c
             .query_one(
                 "SELECT extract(epoch FROM now() - worker_seen)::float8 FROM londiste.node_info WHERE queue_name = $1",

@@ -187,7 +187,14 @@ fn add_tables(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
                 log::warn!("{msg}; skipped");
                 continue;
             }
-            return Err(Error::Other(msg));
+            // --force: accept a name the provider does not list (yet); the
+            // copy waits until a node above has the table in sync.
+            if !opts.force {
+                return Err(Error::Other(format!(
+                    "{msg}; or add it here anyway with --force"
+                )));
+            }
+            log::warn!("{msg}; added anyway (--force): its copy waits until the provider has it");
         }
         let dest = consolidate::dest_for(cfg, opts, &t)?;
         let local_name = dest.clone().unwrap_or_else(|| t.clone());
@@ -203,6 +210,21 @@ fn add_tables(cfg: &WorkerConfig, args: &[String], opts: &Opts) -> Result<()> {
                     "table {local_name} does not exist on this node: create it (pg_dump --schema-only), or add with --create"
                 )));
             }
+        }
+        // ON CONFLICT on a partitioned table is 11+: the apply's upserts
+        // would fail on every update.
+        let partitioned: bool = c
+            .query_one(
+                "SELECT relkind = 'p' FROM pg_class WHERE oid = $1::text::regclass",
+                &[&local_name],
+            )
+            .ctx(|| format!("cannot look up {local_name}"))?
+            .get(0);
+        if partitioned && local_major < 11 {
+            return Err(Error::Other(format!(
+                "table {local_name} is partitioned on this node, and PostgreSQL {local_major} cannot apply updates to a partitioned table \
+                 (ON CONFLICT needs 11): replicate into a plain table here, or into PostgreSQL 11 or newer"
+            )));
         }
         let has_key: bool = c
             .query_one(

@@ -47,8 +47,8 @@ fn script_files(component: &str) -> Vec<(&'static str, &'static str)> {
 
 /// Bump when a script changes; an older installed version is upgraded by
 /// re-running the (idempotent) script.
-pub const PGQ_VERSION: i32 = 9;
-pub const LONDISTE_VERSION: i32 = 9;
+pub const PGQ_VERSION: i32 = 10;
+pub const LONDISTE_VERSION: i32 = 10;
 
 const LOCK_KEY: i64 = 0x6c6f_6e64_6973; // "londis"
 

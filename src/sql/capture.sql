@@ -151,13 +151,23 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT format('pgq._cap_%s_%s_%s', i_queue_id, i_ta
 --           that names the table and the fix.
 --   i_mode: 'capture' (root: emit events) or 'deny' (replica: refuse local writes,
 --           let the replication worker through).
-CREATE OR REPLACE FUNCTION pgq.capture_create(i_queue_name text, i_table regclass, i_keys text[], i_mode text)
+--   i_event_name: the table name the events carry (NULL: the table's own).
+-- A partitioned table's statement triggers see the rows of all its partitions,
+-- but fire only for statements that name it: each partition (at every level)
+-- gets triggers of its own, whose events carry the parent's name and keys, so
+-- a write straight into a partition is captured too, once. A TRUNCATE of one
+-- partition is refused: replayed as the parent's, it would empty them all.
+DROP FUNCTION IF EXISTS pgq.capture_create(text, regclass, text[], text);
+CREATE OR REPLACE FUNCTION pgq.capture_create(i_queue_name text, i_table regclass, i_keys text[], i_mode text,
+                                              i_event_name text DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql AS $gen$
 DECLARE
     q pgq.queue;
     keys text[];
     keylit text;
+    relname text;
     tname text;
+    part record;
     -- SECURITY DEFINER: writers of a captured table need no rights on the queue
     -- (and so cannot forge events). The fixed search_path keeps that safe.
     settings text := $s$
@@ -182,8 +192,9 @@ $s$;
 BEGIN
     q := pgq._queue(i_queue_name);
     PERFORM pgq.capture_drop(i_queue_name, i_table);
-    tname := (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
-                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = i_table);
+    relname := (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = i_table);
+    tname := coalesce(i_event_name, relname);
 
     IF i_mode = 'deny' THEN
         EXECUTE format($f$CREATE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql %s AS $b$
@@ -255,7 +266,7 @@ BEGIN
         cj := (SELECT json_object_agg(attname, NULL ORDER BY attnum)::text FROM pg_attribute
                 WHERE attrelid = %s::oid AND attnum > 0 AND NOT attisdropped);
     END IF;
-$p$, q.queue_id, canon, tname, i_table::oid, tname, i_table::oid);
+$p$, q.queue_id, canon, relname, i_table::oid, relname, i_table::oid);
     leave := E'\n    IF saved IS NOT NULL THEN\n        PERFORM pgq._capture_settings_leave(saved);\n    END IF;\n    RETURN NULL;\nEND';
     colq := 'cap.cj';
 
@@ -274,7 +285,13 @@ $n$;
     ins := format('INSERT INTO @EVENTS@ %s', cols);
     SELECT * INTO one, many FROM pgq._capture_rows(ins, 'I', 'new_rows', tname, colq, keylit);
     body_i := pgq._capture_by_size(q, one, many) || leave;
-    body_r := pgq._capture_dispatch(q, ins || format($x$ VALUES ('R', '', %L, %s, %L);$x$, tname, colq, keylit)) || leave;
+    IF i_event_name IS NULL THEN
+        body_r := pgq._capture_dispatch(q, ins || format($x$ VALUES ('R', '', %L, %s, %L);$x$, tname, colq, keylit)) || leave;
+    ELSE
+        body_r := format($x$
+    RAISE EXCEPTION 'partition %% of replicated table %%: its TRUNCATE cannot be replicated alone', TG_TABLE_NAME, %L
+        USING HINT = 'DELETE its rows instead, or TRUNCATE the parent table';$x$, tname) || leave;
+    END IF;
     IF keys IS NOT NULL THEN
         body_u := pgq._capture_by_size(q,
             ins || format($x$
@@ -318,6 +335,10 @@ $n$;
                    '_pgq_' || q.queue_id || '_del', i_table, pgq._trigger_exec(), pgq._capture_fn_name(q.queue_id, i_table, 'd'));
     EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE %s %s()',
                    '_pgq_' || q.queue_id || '_trunc', i_table, pgq._trigger_exec(), pgq._capture_fn_name(q.queue_id, i_table, 'r'));
+    FOR part IN SELECT i.inhrelid::regclass AS rel FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent
+                 WHERE i.inhparent = i_table AND c.relkind = 'p' LOOP
+        PERFORM pgq.capture_create(i_queue_name, part.rel, keys, i_mode, tname);
+    END LOOP;
     RETURN '_pgq_' || q.queue_id;
 END $gen$;
 
@@ -331,8 +352,13 @@ DECLARE
     op text;
     tg text;
     n int4 := 0;
+    part record;
 BEGIN
     q := pgq._queue(i_queue_name);
+    FOR part IN SELECT i.inhrelid::regclass AS rel FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent
+                 WHERE i.inhparent = i_table AND c.relkind = 'p' LOOP
+        n := n + pgq.capture_drop(i_queue_name, part.rel);
+    END LOOP;
     FOREACH tg IN ARRAY ARRAY['ins', 'upd', 'del', 'trunc', 'deny'] LOOP
         PERFORM 1 FROM pg_trigger WHERE tgrelid = i_table AND tgname = '_pgq_' || q.queue_id || '_' || tg;
         IF FOUND THEN

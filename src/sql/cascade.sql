@@ -34,12 +34,18 @@ END $$;
 
 -- Puts the fence trigger on a table, replacing a deny trigger (same name).
 -- EXECUTE PROCEDURE: the spelling every supported major accepts.
+-- A partitioned table's partitions are fenced too (writes may name them).
 CREATE OR REPLACE FUNCTION londiste.fence_create(i_queue_name text, i_table regclass, i_moved_to text) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE part record;
 BEGIN
     PERFORM londiste.deny_drop(i_queue_name, i_table);
     EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s FOR EACH STATEMENT EXECUTE PROCEDURE londiste.fence_trigger(%L, %L)',
                    londiste.deny_trigger_name(i_queue_name), i_table, i_queue_name, i_moved_to);
+    FOR part IN SELECT i.inhrelid::regclass AS rel FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent
+                 WHERE i.inhparent = i_table AND c.relkind = 'p' LOOP
+        PERFORM londiste.fence_create(i_queue_name, part.rel, i_moved_to);
+    END LOOP;
 END $$;
 
 -- The local tables of a queue, in a fixed order (lock order for the fence).

@@ -150,6 +150,16 @@ CREATE TABLE IF NOT EXISTS londiste.pending_fkeys (
     PRIMARY KEY (from_table, fkey_name)
 );
 
+-- The keys put back, for the fkeys command: one row per key, its last restore.
+CREATE TABLE IF NOT EXISTS londiste.restored_fkeys (
+    from_table text NOT NULL,
+    fkey_name text NOT NULL,
+    fkey_def text NOT NULL,
+    dropped_at timestamptz NOT NULL,
+    restored_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (from_table, fkey_name)
+);
+
 CREATE OR REPLACE FUNCTION londiste.drop_table_fkeys(i_table regclass) RETURNS int4
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -181,6 +191,10 @@ BEGIN
         EXECUTE format('ALTER TABLE %s VALIDATE CONSTRAINT %I', fk.from_table, fk.fkey_name);
     END IF;
     DELETE FROM londiste.pending_fkeys WHERE from_table = i_from_table AND fkey_name = i_name;
+    INSERT INTO londiste.restored_fkeys (from_table, fkey_name, fkey_def, dropped_at)
+    VALUES (fk.from_table, fk.fkey_name, fk.fkey_def, fk.dropped_at)
+    ON CONFLICT (from_table, fkey_name) DO UPDATE
+       SET fkey_def = EXCLUDED.fkey_def, dropped_at = EXCLUDED.dropped_at, restored_at = now();
     RETURN 1;
 END $$;
 
@@ -202,24 +216,38 @@ END $$;
 CREATE OR REPLACE FUNCTION londiste.deny_trigger_name(i_queue_name text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$ SELECT left('_londiste_deny_' || i_queue_name, 63) $$;
 
+-- A partitioned table's partitions (every level) get the trigger too: a
+-- statement naming a partition fires only the partition's statement triggers.
 CREATE OR REPLACE FUNCTION londiste.deny_create(i_queue_name text, i_table regclass) RETURNS text
 LANGUAGE plpgsql AS $$
+DECLARE part record;
 BEGIN
     PERFORM londiste.deny_drop(i_queue_name, i_table);
     EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s FOR EACH STATEMENT EXECUTE %s londiste.deny_trigger(%L)',
                    londiste.deny_trigger_name(i_queue_name), i_table, pgq._trigger_exec(), i_queue_name);
+    FOR part IN SELECT i.inhrelid::regclass AS rel FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent
+                 WHERE i.inhparent = i_table AND c.relkind = 'p' LOOP
+        PERFORM londiste.deny_create(i_queue_name, part.rel);
+    END LOOP;
     RETURN londiste.deny_trigger_name(i_queue_name);
 END $$;
 
 CREATE OR REPLACE FUNCTION londiste.deny_drop(i_queue_name text, i_table regclass) RETURNS int4
 LANGUAGE plpgsql AS $$
+DECLARE
+    part record;
+    n int4 := 0;
 BEGIN
+    FOR part IN SELECT i.inhrelid::regclass AS rel FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent
+                 WHERE i.inhparent = i_table AND c.relkind = 'p' LOOP
+        n := n + londiste.deny_drop(i_queue_name, part.rel);
+    END LOOP;
     PERFORM 1 FROM pg_trigger WHERE tgrelid = i_table AND tgname = londiste.deny_trigger_name(i_queue_name);
     IF FOUND THEN
         EXECUTE format('DROP TRIGGER %I ON %s', londiste.deny_trigger_name(i_queue_name), i_table);
-        RETURN 1;
+        n := n + 1;
     END IF;
-    RETURN 0;
+    RETURN n;
 END $$;
 
 -- Re-creates the capture triggers of every table added on a root, after an
