@@ -111,6 +111,19 @@ fn columns(c: &mut Client, table: &str) -> Vec<String> {
     .collect()
 }
 
+/// The root and a leaf under it, both tables in sync, ticker and workers up.
+fn root_and_leaf(mut r: Rig) -> Rig {
+    r.create_root("root");
+    r.create_sub("leaf", "leaf", "root");
+    r.start_ticker();
+    r.start_worker("root");
+    r.start_worker("leaf");
+    r.add_all("root");
+    r.add_all("leaf");
+    r.wait_synced("leaf", 2);
+    r
+}
+
 #[test]
 fn execute_under_writes_reaches_branch_and_leaf_at_the_same_position() {
     let mut r = Rig::new(&["root", "branch", "leaf"]);
@@ -228,15 +241,7 @@ fn execute_under_writes_reaches_branch_and_leaf_at_the_same_position() {
 
 #[test]
 fn a_file_failing_on_the_leaf_holds_it_there_and_it_goes_on_once_fixed() {
-    let mut r = Rig::new(&["root", "leaf"]);
-    r.create_root("root");
-    r.create_sub("leaf", "leaf", "root");
-    r.start_ticker();
-    r.start_worker("root");
-    r.start_worker("leaf");
-    r.add_all("root");
-    r.add_all("leaf");
-    r.wait_synced("leaf", 2);
+    let r = root_and_leaf(Rig::new(&["root", "leaf"]));
     // The leaf has an object of its own that the file's first statement
     // conflicts with.
     r.client("leaf")
@@ -286,15 +291,7 @@ fn a_file_failing_on_the_leaf_holds_it_there_and_it_goes_on_once_fixed() {
 
 #[test]
 fn a_column_added_outside_execute_stops_the_node_with_the_fix() {
-    let mut r = Rig::new(&["root", "leaf"]);
-    r.create_root("root");
-    r.create_sub("leaf", "leaf", "root");
-    r.start_ticker();
-    r.start_worker("root");
-    r.start_worker("leaf");
-    r.add_all("root");
-    r.add_all("leaf");
-    r.wait_synced("leaf", 2);
+    let r = root_and_leaf(Rig::new(&["root", "leaf"]));
     let mut root = r.client("root");
     root.batch_execute(
         "alter table orders add column sneaky int; insert into orders (note, sneaky) values ('drift', 1);
@@ -330,15 +327,7 @@ fn a_column_added_outside_execute_stops_the_node_with_the_fix() {
 
 #[test]
 fn header_conditions_decide_where_a_file_runs() {
-    let mut r = Rig::new(&["root", "leaf"]);
-    r.create_root("root");
-    r.create_sub("leaf", "leaf", "root");
-    r.start_ticker();
-    r.start_worker("root");
-    r.start_worker("leaf");
-    r.add_all("root");
-    r.add_all("leaf");
-    r.wait_synced("leaf", 2);
+    let r = root_and_leaf(Rig::new(&["root", "leaf"]));
     r.client("root")
         .batch_execute("create schema reporting")
         .unwrap();
@@ -433,14 +422,7 @@ fn execute_needs_only_the_tables_owner() {
             r.nodes[0].1
         ),
     );
-    r.create_root("root");
-    r.create_sub("leaf", "leaf", "root");
-    r.start_ticker();
-    r.start_worker("root");
-    r.start_worker("leaf");
-    r.add_all("root");
-    r.add_all("leaf");
-    r.wait_synced("leaf", 2);
+    let r = root_and_leaf(r);
     r.dir.write(
         "10_owner.sql",
         "alter table orders add column owner_note text;\ncreate index orders_owner_note on orders (owner_note);\n",

@@ -112,11 +112,7 @@ impl<T> Context<T> for std::result::Result<T, postgres::Error> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| {
             let msg = format!("{}: {}", what(), pg_message(&e));
-            if is_connection_error(&e) {
-                Error::Unavailable(msg)
-            } else {
-                Error::Db(msg)
-            }
+            pg_error(&e, msg)
         })
     }
 }
@@ -128,6 +124,17 @@ impl<T> Context<T> for std::result::Result<T, std::io::Error> {
 }
 
 /// Errors after which the connection is unusable or the server is going away.
+/// `msg` (which already says what failed and the server's message) as the
+/// error kind the failure is: Unavailable when the connection is gone, so the
+/// worker reconnects, else Db.
+pub fn pg_error(e: &postgres::Error, msg: String) -> Error {
+    if is_connection_error(e) {
+        Error::Unavailable(msg)
+    } else {
+        Error::Db(msg)
+    }
+}
+
 pub fn is_connection_error(e: &postgres::Error) -> bool {
     if e.is_closed() {
         return true;

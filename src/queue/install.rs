@@ -4,7 +4,7 @@
 //! advisory lock, so two processes installing at once do not collide, and an
 //! upgrade keeps every queued event (tables are only ever created if missing).
 
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Result};
 use postgres::{Client, GenericClient};
 
 const PGQ_SQL: &str = concat!(
@@ -130,11 +130,7 @@ fn install_component(c: &mut Client, component: &str, sql: &str, version: i32) -
             crate::error::pg_message(&e),
             where_in_script(component, sql, &e)
         );
-        if crate::error::is_connection_error(&e) {
-            Error::Unavailable(msg)
-        } else {
-            Error::Db(msg)
-        }
+        crate::error::pg_error(&e, msg)
     })?;
     tx.execute(
         "INSERT INTO pgq.schema_info (component, version) VALUES ($1, $2)

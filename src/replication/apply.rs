@@ -484,11 +484,7 @@ impl Applier {
                 key,
                 crate::error::pg_message(&e)
             );
-            if crate::error::is_connection_error(&e) {
-                Error::Unavailable(msg)
-            } else {
-                Error::Db(msg)
-            }
+            crate::error::pg_error(&e, msg)
         })?;
         self.stats.rows += nrows as u64;
         self.stats.statements += 1;
@@ -528,11 +524,7 @@ impl Applier {
                 g.dest,
                 crate::error::pg_message(&e)
             );
-            if crate::error::is_connection_error(&e) {
-                Error::Unavailable(msg)
-            } else {
-                Error::Db(msg)
-            }
+            crate::error::pg_error(&e, msg)
         };
         let mut w = tx.copy_in(sql.as_str()).map_err(err)?;
         // The server's error can surface here, wrapped in an io::Error.

@@ -336,11 +336,7 @@ pub fn run_statements<C: GenericClient>(c: &mut C, file: &str, sql: &str) -> Res
                 short(&s.text),
                 crate::error::pg_message(&e)
             );
-            if crate::error::is_connection_error(&e) {
-                Error::Unavailable(msg)
-            } else {
-                Error::Db(msg)
-            }
+            crate::error::pg_error(&e, msg)
         })?;
     }
     Ok(stmts.len())

@@ -48,11 +48,7 @@ impl Applier {
                 g.dest,
                 crate::error::pg_message(&e)
             );
-            if crate::error::is_connection_error(&e) {
-                Error::Unavailable(msg)
-            } else {
-                Error::Db(msg)
-            }
+            crate::error::pg_error(&e, msg)
         };
         let names: Vec<String> = used.iter().map(|(_, c)| ident(&c.name)).collect();
         let names = names.join(", ");
