@@ -243,21 +243,8 @@ fn check_names_a_type_the_replica_cannot_hold() {
     old.client(&slave)
         .batch_execute("CREATE TABLE m (id int PRIMARY KEY, r text)")
         .unwrap();
-    let r = Repl::new("chkv", "", "", "");
-    r.dir.write("master.ini", &worker_ini(&mconn, "master"));
-    r.dir.write("slave.ini", &worker_ini(&sconn, "slave"));
+    let r = Repl::nodes_at("chkv", &mconn, &sconn);
     let d = r.d();
-    ok(
-        "londiste3",
-        &["master.ini", "create-root", "master", &mconn],
-        d,
-    );
-    let prov = format!("--provider={mconn}");
-    ok(
-        "londiste3",
-        &["slave.ini", "create-leaf", "slave", &sconn, &prov],
-        d,
-    );
     ok("londiste3", &["master.ini", "add-table", "public.m"], d);
     ok("londiste3", &["slave.ini", "add-table", "public.m"], d);
     // The provider's column changes type after the table was added.

@@ -10,7 +10,7 @@
 //! target with a line saying what works instead.
 
 use crate::harness::{Cluster, Rng, poll_until, run, tables_diff, unique_name};
-use crate::repl::{Repl, worker_ini};
+use crate::repl::Repl;
 use crate::tutorial::{ok, output_text};
 use crate::versions::limits::{root_and_leaf, run_jobs};
 use crate::versions::{Side, tables_ok};
@@ -201,21 +201,8 @@ fn partitioned_target_on_10_is_refused() {
              CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (100);",
         )
         .unwrap();
-    let r = Repl::new("part10", "", "", "");
-    r.dir.write("master.ini", &worker_ini(&mconn, "master"));
-    r.dir.write("slave.ini", &worker_ini(&sconn, "slave"));
+    let r = Repl::nodes_at("part10", &mconn, &sconn);
     let d = r.d();
-    ok(
-        "londiste3",
-        &["master.ini", "create-root", "master", &mconn],
-        d,
-    );
-    let prov = format!("--provider={mconn}");
-    ok(
-        "londiste3",
-        &["slave.ini", "create-leaf", "slave", &sconn, &prov],
-        d,
-    );
     ok("londiste3", &["master.ini", "add-table", "public.p"], d);
     let out = run(
         "londiste3",

@@ -30,6 +30,27 @@ pub struct Repl {
 }
 
 impl Repl {
+    /// A test dir with master.ini and slave.ini for databases elsewhere (other
+    /// clusters), the root and the leaf created there.
+    pub fn nodes_at(prefix: &str, mconn: &str, sconn: &str) -> Repl {
+        let r = Repl::new(prefix, "", "", "");
+        r.dir.write("master.ini", &worker_ini(mconn, "master"));
+        r.dir.write("slave.ini", &worker_ini(sconn, "slave"));
+        let d = r.d();
+        crate::tutorial::ok(
+            "londiste3",
+            &["master.ini", "create-root", "master", mconn],
+            d,
+        );
+        let prov = format!("--provider={mconn}");
+        crate::tutorial::ok(
+            "londiste3",
+            &["slave.ini", "create-leaf", "slave", sconn, &prov],
+            d,
+        );
+        r
+    }
+
     pub fn new(prefix: &str, master_sql: &str, slave_sql: &str, extra: &str) -> Repl {
         let c = Cluster::shared();
         let (master, slave) = (
