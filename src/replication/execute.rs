@@ -249,8 +249,7 @@ pub fn split_statements(sql: &str) -> Vec<Statement> {
                     j += 1;
                 }
                 if j < c.len() && c[j] == '$' && !c.get(i + 1).is_some_and(|x| x.is_ascii_digit()) {
-                    let tag: String = c[i..=j].iter().collect();
-                    let tag: Vec<char> = tag.chars().collect();
+                    let tag: Vec<char> = c[i..=j].to_vec();
                     let mut k = j + 1;
                     while k < c.len() && c[k..].iter().take(tag.len()).ne(tag.iter()) {
                         if c[k] == '\n' {
@@ -377,23 +376,17 @@ fn canonical(name: &str) -> Result<String> {
 }
 
 fn exists<C: GenericClient>(c: &mut C, key: &str, name: &str) -> Result<bool> {
-    let (sql, arg): (&str, String) = match key {
-        "need-table" | "local-destination" => (
-            "SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass($1) AND relkind IN ('r', 'p'))",
-            name.to_string(),
-        ),
-        "need-sequence" => (
-            "SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass($1) AND relkind = 'S')",
-            name.to_string(),
-        ),
-        "need-view" => (
-            "SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass($1) AND relkind IN ('v', 'm'))",
-            name.to_string(),
-        ),
-        "need-schema" => (
-            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
-            name.to_string(),
-        ),
+    let sql = match key {
+        "need-table" | "local-destination" => {
+            "SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass($1) AND relkind IN ('r', 'p'))"
+        }
+        "need-sequence" => {
+            "SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass($1) AND relkind = 'S')"
+        }
+        "need-view" => {
+            "SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass($1) AND relkind IN ('v', 'm'))"
+        }
+        "need-schema" => "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
         _ => {
             // name(nargs), nargs 0 when left out.
             let (f, n) = match name.split_once('(') {
@@ -411,7 +404,7 @@ fn exists<C: GenericClient>(c: &mut C, key: &str, name: &str) -> Result<bool> {
                 .ctx(|| format!("cannot look up function {name}"));
         }
     };
-    c.query_one(sql, &[&arg])
+    c.query_one(sql, &[&name])
         .map(|r| r.get(0))
         .ctx(|| format!("cannot look up {name}"))
 }
